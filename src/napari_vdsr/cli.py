@@ -1,0 +1,152 @@
+"""Command-line interface: ``napari-vdsr {predict,evaluate,train,finetune,demo,models}``.
+
+Every command is a thin layer over :mod:`napari_vdsr.core`; long work shows a
+tqdm progress bar.  Errors meant for users are printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
+    from .core.train import TrainConfig
+
+    d = TrainConfig()
+    if finetune:
+        p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="clean images, folders or globs (stacks: one plane each)")
+        p.add_argument("--pairs", nargs=2, metavar=("DEGRADED", "CLEAN"), help="registered degraded / clean pair for paired training")
+        p.add_argument("--scale", type=float, nargs="+", default=None, help="SR scale(s) to fine-tune for (default 2)")
+    else:
+        p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="training images: files, folders, globs, TIFF stacks")
+        p.add_argument("--scales", type=float, nargs="+", default=d.scales, help="SR scales mixed in every batch (default 2 3 4)")
+    p.add_argument("--task", choices=["sr", "denoise", "deblock"], default="sr")
+    p.add_argument("--scale-range", type=float, nargs=2, metavar=("A", "B"), help="draw SR scales uniformly from [A, B] instead")
+    p.add_argument("--sigma-range", type=float, nargs=2, metavar=("A", "B"), default=d.sigma_range, help="Gaussian σ range on 0..255 (denoise)")
+    p.add_argument("--noise-model", choices=["gaussian", "poisson"], default="gaussian", help="denoise: Gaussian or Poisson (shot) noise")
+    p.add_argument("--photon-range", type=float, nargs=2, metavar=("A", "B"), default=d.photon_range, help="Poisson: photons at full intensity")
+    p.add_argument("--quality-range", type=int, nargs=2, metavar=("A", "B"), default=d.quality_range, help="JPEG quality range (deblock)")
+    p.add_argument("--iterations", type=int, default=500 if finetune else d.iterations)
+    p.add_argument("--batch-size", type=int, default=16 if finetune else d.batch_size)
+    p.add_argument("--patch-size", type=int, default=d.patch_size)
+    if not finetune:
+        p.add_argument("--depth", type=int, default=d.depth)
+        p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam" if finetune else d.optimizer)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.1 for sgd, 1e-4 for adam; 2e-5 adam when fine-tuning)")
+    p.add_argument("--lr-schedule", choices=["step", "cosine", "constant"], default="cosine" if finetune else d.lr_schedule)
+    p.add_argument("--lr-step", type=int, default=None, help="step schedule: divide the lr every N steps (default iterations/4)")
+    p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="lr factor per decay (step) or final fraction (cosine)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip-theta", type=float, default=None,
+                   help="adjustable gradient clipping θ: every gradient element is clipped to [-θ/lr, θ/lr] "
+                        "(default 0.001 for sgd, off for adam); 0 disables")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
+    p.add_argument("--val-fraction", type=float, default=0.2 if finetune else d.val_fraction, help="planes held out for validation")
+    p.add_argument("--val-every", type=int, default=50 if finetune else d.val_every)
+    p.add_argument("--val-crop", type=int, default=d.val_crop)
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoint.pt, log.jsonl, best.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--from", dest="init_from", metavar="MODEL", default=None, help="start from this model (name, file or run dir)")
+    p.add_argument("--name", default=None, help="model name written in its card")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _config_from_args(a: argparse.Namespace, finetune: bool = False):
+    from .core.train import TrainConfig
+
+    lr = a.lr if a.lr is not None else ((2e-5 if finetune else 1e-4) if a.optimizer == "adam" else 0.1)
+    theta = a.clip_theta if a.clip_theta is not None else (0.001 if a.optimizer == "sgd" else None)
+    if finetune:
+        data = list(a.images)
+        scales = a.scale or [2.0]
+    else:
+        data, scales = list(a.data), a.scales
+    kw = dict(
+        data=[str(x) for x in data], task=a.task, scales=scales, scale_range=tuple(a.scale_range) if a.scale_range else None,
+        sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
+        photon_range=tuple(a.photon_range), iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
+        optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
+        momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
+        clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
+        val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
+        checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from,
+        name=a.name or Path(a.out).name,
+    )
+    if not finetune:
+        kw.update(depth=a.depth, width=a.width)
+    return TrainConfig(**kw)
+
+
+def _run_training(trainer, quiet: bool) -> int:
+    from tqdm import tqdm
+
+    bar = None
+    last_val = ""
+    for ev in trainer.run():
+        if ev.kind == "start":
+            print(f"napari-vdsr: {ev.message}", file=sys.stderr)
+            if ev.val_base_model_psnr is not None:
+                print(f"  base model validation PSNR {ev.val_base_model_psnr:.3f} dB", file=sys.stderr)
+            bar = tqdm(total=ev.total, initial=ev.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+        elif ev.kind == "step" and bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {ev.loss:.2e} lr {ev.lr:.1e}{last_val}", refresh=False)
+        elif ev.kind == "val":
+            last_val = f" val {ev.val_psnr:.2f} dB (input {ev.val_baseline_psnr:.2f})"
+            if bar is not None:
+                bar.set_postfix_str(f"loss - {last_val}")
+        elif ev.kind in ("done", "stopped"):
+            if bar is not None:
+                bar.close()
+            print(f"napari-vdsr: {ev.message}; best validation PSNR "
+                  f"{'%.3f dB' % ev.best_psnr if ev.best_psnr is not None else 'n/a'}; model: {ev.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .core.train import Trainer
+
+    cfg = _config_from_args(a)
+    return _run_training(Trainer(cfg, resume=a.resume), a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-vdsr", description="VDSR super-resolution, denoising and JPEG artifact removal.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="train a model (the paper's recipe with adjustable gradient clipping)",
+                       description="Train a VDSR model. Checkpoints in RUN_DIR; --resume continues exactly.")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``napari-vdsr`` console script."""
+    from .core.errors import VDSRError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VDSRError as exc:
+        print(f"napari-vdsr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-vdsr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

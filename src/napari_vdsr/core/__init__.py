@@ -1,0 +1,1 @@
+"""Headless core of napari-vdsr: no Qt and no napari imports anywhere below this package."""

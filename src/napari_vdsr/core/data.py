@@ -1,0 +1,227 @@
+"""Training data: planes from files / arrays, patch sampling with on-the-fly degradations."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .degrade import degrade_plane
+from .errors import InputError, TrainingError
+from .io import expand_inputs, read_image
+
+__all__ = ["Plane", "planes_from_array", "load_planes", "split_validation", "PatchSampler", "ValidationItem", "make_validation"]
+
+
+@dataclass
+class Plane:
+    """A clean 2-D training image on the network's [0, 1] scale."""
+
+    name: str
+    data: np.ndarray  # float32 (H, W)
+
+
+def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = None) -> list[Plane]:
+    """Split an image or stack into 2-D [0, 1] planes.
+
+    RGB(A) images (last axis 3 or 4, uint8) give their luminance Y/255; every
+    other leading axis (Z, T, C) gives one plane per index.  uint8 data are
+    divided by 255, other data scaled by their min and max.
+    """
+    from .color import rgb_to_y
+    from .normalize import check_dtype, intensity_range
+
+    arr = np.asarray(arr)
+    check_dtype(arr.dtype)
+    if arr.ndim < 2:
+        raise TrainingError(f"{name}: training images must be at least 2-D, got shape {arr.shape}.")
+    if not np.all(np.isfinite(arr)) if arr.dtype.kind == "f" else False:
+        raise TrainingError(f"{name}: contains NaN or infinite values; clean it first.")
+    if rgb is None:
+        rgb = arr.ndim >= 3 and arr.shape[-1] in (3, 4) and arr.shape[-2] > 4
+    if rgb:
+        rgb_arr = arr[..., :3].astype(np.float32)
+        if arr.dtype != np.uint8:
+            inten = intensity_range(rgb_arr)
+            rgb_arr = inten.to_net(rgb_arr) * 255.0
+        y = rgb_to_y(rgb_arr) / 255.0
+        stack = y.reshape((-1,) + y.shape[-2:])
+    else:
+        inten = intensity_range(arr)
+        stack = inten.to_net(arr).reshape((-1,) + arr.shape[-2:])
+    return [Plane(f"{name}[{i}]" if len(stack) > 1 else name, np.ascontiguousarray(p, dtype=np.float32)) for i, p in enumerate(stack)]
+
+
+def load_planes(sources: Sequence[str | os.PathLike | np.ndarray]) -> list[Plane]:
+    """Load training planes from files, folders, glob patterns or arrays."""
+    planes: list[Plane] = []
+    paths: list = []
+    for i, src in enumerate(sources):
+        if isinstance(src, np.ndarray) or hasattr(src, "__array__") and not isinstance(src, (str, Path)):
+            planes.extend(planes_from_array(np.asarray(src), name=f"array{i}"))
+        else:
+            paths.append(src)
+    if paths:
+        try:
+            files = expand_inputs(paths)
+        except InputError as exc:
+            raise TrainingError(str(exc)) from None
+        for f in files:
+            try:
+                arr = read_image(f)
+            except InputError as exc:
+                raise TrainingError(f"{exc} Remove it from the training data or convert it.") from None
+            planes.extend(planes_from_array(arr, name=f.name))
+    if not planes:
+        raise TrainingError("no training images were given; pass image files, folders or arrays.")
+    return planes
+
+
+def split_validation(planes: list[Plane], fraction: float) -> tuple[list[Plane], list[Plane]]:
+    """Hold out ``fraction`` of the planes (evenly spaced, at least one) for validation.
+
+    A single plane is split by rows instead: its bottom part validates.
+    Returns ``(train, val)``; ``fraction == 0`` returns no validation planes.
+    """
+    if fraction <= 0:
+        return list(planes), []
+    if not 0 < fraction < 1:
+        raise TrainingError(f"validation fraction must be in [0, 1), got {fraction}.")
+    if len(planes) == 1:
+        p = planes[0]
+        h = p.data.shape[0]
+        cut = int(round(h * (1 - fraction)))
+        return [Plane(p.name + "[train rows]", p.data[:cut])], [Plane(p.name + "[val rows]", p.data[cut:])]
+    n_val = max(1, int(round(len(planes) * fraction)))
+    idx = set(np.linspace(0, len(planes) - 1, n_val + 2)[1:-1].round().astype(int).tolist()) if n_val < len(planes) - 1 else set(range(1, len(planes)))
+    val = [p for i, p in enumerate(planes) if i in idx]
+    train = [p for i, p in enumerate(planes) if i not in idx]
+    return train, val
+
+
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    a = np.rot90(a, k % 4)
+    return a[:, ::-1] if k >= 4 else a
+
+
+class PatchSampler:
+    """Draw batches of (degraded input, clean target) patches.
+
+    Every draw takes its randomness from the generator passed in, so a batch is
+    a pure function of the generator's seed (exact resume).
+    """
+
+    def __init__(
+        self,
+        planes: list[Plane],
+        task: str,
+        patch_size: int = 41,
+        levels: Sequence[float] | None = None,
+        level_range: tuple[float, float] | None = None,
+        quantize: bool = True,
+        noise_model: str = "gaussian",
+    ) -> None:
+        self.task = task
+        self.patch = int(patch_size)
+        self.levels = list(levels) if levels else None
+        self.level_range = level_range
+        self.quantize = quantize
+        self.noise_model = noise_model
+        if self.levels is None and self.level_range is None:
+            raise TrainingError("give degradation levels (scales, sigmas or qualities) or a range.")
+        self.margin = self._margin(self.max_level())
+        need = self.patch + 2 * self.margin
+        self.planes = [p for p in planes if min(p.data.shape) >= need]
+        if not self.planes:
+            sizes = sorted({p.data.shape for p in planes})[:5]
+            raise TrainingError(
+                f"every training image is smaller than one patch ({self.patch} px plus a {self.margin} px margin "
+                f"= {need} px per side); sizes seen: {sizes}. Use a smaller patch size or larger images."
+            )
+        areas = np.array([p.data.size for p in self.planes], dtype=np.float64)
+        self.weights = areas / areas.sum()
+
+    def max_level(self) -> float:
+        vals = list(self.levels or []) + list(self.level_range or [])
+        return max(vals)
+
+    def _margin(self, level: float) -> int:
+        if self.task == "sr":
+            return int(math.ceil(2 * level))
+        if self.task == "deblock":
+            return 8
+        return 0
+
+    def draw_level(self, rng: np.random.Generator) -> float:
+        if self.levels is not None:
+            return float(self.levels[rng.integers(len(self.levels))])
+        lo, hi = self.level_range
+        if self.task == "deblock":
+            return float(rng.integers(int(lo), int(hi) + 1))
+        return float(rng.uniform(lo, hi))
+
+    def one(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        plane = self.planes[rng.choice(len(self.planes), p=self.weights)].data
+        level = self.draw_level(rng)
+        m = self.margin
+        size = self.patch + 2 * m
+        y = int(rng.integers(0, plane.shape[0] - size + 1))
+        x = int(rng.integers(0, plane.shape[1] - size + 1))
+        crop = np.ascontiguousarray(_dihedral(plane[y : y + size, x : x + size], int(rng.integers(8))))
+        task = "denoise-pg" if (self.task == "denoise" and self.noise_model == "poisson") else self.task
+        degraded = degrade_plane(crop, task, level, seed=rng, quantize=self.quantize)
+        if self.task == "deblock":  # keep the JPEG block grid where the image has it
+            sl = (slice(0, self.patch), slice(0, self.patch))
+        else:
+            sl = (slice(m, m + self.patch), slice(m, m + self.patch))
+        return degraded[sl], crop[sl]
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(inputs, targets)``, float32 arrays of shape (n, 1, P, P)."""
+        pairs = [self.one(rng) for _ in range(n)]
+        inp = np.stack([p[0] for p in pairs])[:, None]
+        tgt = np.stack([p[1] for p in pairs])[:, None]
+        return inp.astype(np.float32), tgt.astype(np.float32)
+
+
+@dataclass
+class ValidationItem:
+    """A fixed validation pair: degraded input, clean target, level and border to shave."""
+
+    name: str
+    level: float
+    inp: np.ndarray
+    target: np.ndarray
+    shave: int
+
+
+def make_validation(
+    planes: list[Plane], task: str, levels: Sequence[float], crop: int = 192, quantize: bool = True, noise_model: str = "gaussian"
+) -> list[ValidationItem]:
+    """Deterministic validation pairs: a centre crop of each plane degraded at each level."""
+    items: list[ValidationItem] = []
+    for i, p in enumerate(planes):
+        h, w = p.data.shape
+        ch, cw = min(crop, h), min(crop, w)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        hr = p.data[y0 : y0 + ch, x0 : x0 + cw]
+        for j, lev in enumerate(levels):
+            if task == "sr":
+                s = int(math.ceil(lev))
+                if lev == int(lev):
+                    hr_l = hr[: hr.shape[0] - hr.shape[0] % s, : hr.shape[1] - hr.shape[1] % s]
+                else:
+                    hr_l = hr
+                shave = s
+            else:
+                hr_l, shave = hr, 0
+            if min(hr_l.shape) < 2 * shave + 8:
+                continue
+            t = "denoise-pg" if (task == "denoise" and noise_model == "poisson") else task
+            inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize)
+            items.append(ValidationItem(p.name, float(lev), inp, np.ascontiguousarray(hr_l), shave))
+    return items

@@ -1,0 +1,21 @@
+"""Exceptions raised by napari-vdsr with messages meant for users."""
+
+from __future__ import annotations
+
+__all__ = ["VDSRError", "InputError", "ModelError", "TrainingError"]
+
+
+class VDSRError(ValueError):
+    """Base class of every error napari-vdsr raises on purpose."""
+
+
+class InputError(VDSRError):
+    """The image, axes or parameters given cannot be processed; the message says how to fix it."""
+
+
+class ModelError(VDSRError):
+    """A model file or name cannot be used (missing, corrupt, not a model, wrong task)."""
+
+
+class TrainingError(VDSRError):
+    """Training cannot start or cannot continue (bad data, non-finite loss, ...)."""

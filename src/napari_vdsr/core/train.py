@@ -1,0 +1,573 @@
+"""Training engine: the VDSR recipe with adjustable gradient clipping.
+
+:func:`train` is a generator of :class:`TrainEvent`; the CLI wraps it in a
+progress bar, the napari widget in a worker thread.  Cancelling = calling
+:meth:`Trainer.stop` (or simply no longer iterating).
+
+Exact resume: the batch of step ``k`` is drawn from a generator seeded with
+``(seed, rank, k)`` and the learning rate is a pure function of ``k``, so the
+checkpoint (model, optimiser, step, best metric, config) fully determines the rest
+of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .data import PatchSampler, Plane, load_planes, make_validation, split_validation
+from .device import resolve_device
+from .errors import TrainingError
+from .model import VDSR
+
+__all__ = ["TrainConfig", "TrainEvent", "Trainer", "train", "clip_gradients", "lr_at", "load_checkpoint", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+DEFAULT_LEVELS = {"sr": [2.0, 3.0, 4.0], "denoise": [15.0, 25.0, 50.0], "deblock": [10.0, 20.0, 30.0, 40.0]}
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run (saved in every checkpoint and model card)."""
+
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
+    data: list[str] = Field(default_factory=list, description="image files / folders / globs")
+    task: Literal["sr", "denoise", "deblock"] = "sr"
+    scales: list[float] = Field(default_factory=lambda: [2.0, 3.0, 4.0])
+    scale_range: Optional[tuple[float, float]] = None
+    sigma_range: tuple[float, float] = (0.0, 55.0)
+    quality_range: tuple[int, int] = (10, 40)
+    noise_model: Literal["gaussian", "poisson"] = "gaussian"
+    photon_range: tuple[float, float] = (5.0, 200.0)
+    quantize: bool = True
+    iterations: int = Field(9960, ge=1)
+    batch_size: int = Field(64, ge=1)
+    patch_size: int = Field(41, ge=8)
+    depth: int = Field(20, ge=2)
+    width: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    lr_schedule: Literal["step", "cosine", "constant"] = "step"
+    lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: iterations // 4)")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    warmup: int = Field(0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_theta: Optional[float] = Field(0.01, gt=0, description="adjustable clipping: |g| <= theta / lr")
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_every: int = Field(250, ge=1)
+    val_crop: int = Field(192, ge=16)
+    val_levels: Optional[list[float]] = None
+    checkpoint_minutes: float = Field(10.0, gt=0)
+    checkpoint_every: Optional[int] = Field(None, ge=1)
+    out: Optional[str] = None
+    init_from: Optional[str] = None
+    name: str = "vdsr"
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one scale")
+        for s in v:
+            if not 1 <= s <= 16:
+                raise ValueError(f"scales must be in [1, 16], got {s}")
+        return [float(s) for s in v]
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "TrainConfig":
+        for nm in ("scale_range", "sigma_range", "quality_range", "photon_range"):
+            r = getattr(self, nm)
+            if r is not None and r[0] > r[1]:
+                raise ValueError(f"{nm} must be (low, high), got {r}")
+        if self.quality_range[0] < 1 or self.quality_range[1] > 100:
+            raise ValueError("JPEG qualities must be within 1..100")
+        return self
+
+    def levels(self) -> tuple[Optional[list[float]], Optional[tuple[float, float]]]:
+        """Degradation levels for the sampler: discrete list or continuous range."""
+        if self.task == "sr":
+            return (None, self.scale_range) if self.scale_range else (self.scales, None)
+        if self.task == "denoise":
+            return None, (self.photon_range if self.noise_model == "poisson" else self.sigma_range)
+        return None, (float(self.quality_range[0]), float(self.quality_range[1]))
+
+    def validation_levels(self) -> list[float]:
+        if self.val_levels:
+            return list(self.val_levels)
+        if self.task == "sr":
+            if self.scale_range:
+                lo, hi = self.scale_range
+                return sorted({lo, (lo + hi) / 2, hi})
+            return list(self.scales)
+        if self.task == "denoise" and self.noise_model == "poisson":
+            lo, hi = self.photon_range
+            return sorted({lo, math.sqrt(lo * hi), hi})
+        lo, hi = self.sigma_range if self.task == "denoise" else self.quality_range
+        picks = [v for v in DEFAULT_LEVELS[self.task] if lo <= v <= hi]
+        return picks or [float(lo), float(hi)]
+
+
+@dataclass
+class TrainEvent:
+    """Progress report yielded by the training loop.
+
+    ``kind`` is ``start``, ``step``, ``val``, ``checkpoint``, ``done`` or ``stopped``.
+    PSNRs are on the [0, 1] → 255 scale over the validation set; ``val_baseline_psnr``
+    is the degraded input (bicubic for SR), ``val_base_model_psnr`` the model training
+    started from (fine-tuning), ``val_per_level`` per scale / σ / quality.
+    """
+
+    kind: str
+    step: int
+    total: int
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    val_psnr: Optional[float] = None
+    val_baseline_psnr: Optional[float] = None
+    val_base_model_psnr: Optional[float] = None
+    val_per_level: Optional[dict[str, float]] = None
+    best_psnr: Optional[float] = None
+    elapsed: float = 0.0
+    message: str = ""
+    path: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate used for step ``step`` (0-based): a pure function of the step."""
+    base = cfg.lr
+    if cfg.warmup and step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return base
+    if cfg.lr_schedule == "cosine":
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup))
+        return base * (cfg.lr_gamma + (1 - cfg.lr_gamma) * 0.5 * (1 + math.cos(math.pi * t)))
+    every = cfg.lr_step or max(1, cfg.iterations // 4)
+    return base * cfg.lr_gamma ** (step // every)
+
+
+@torch.no_grad()
+def clip_gradients(params, theta: float, lr: float) -> float:
+    """Adjustable gradient clipping (Kim et al. 2016): clamp every gradient element to [-θ/γ, θ/γ].
+
+    ``γ`` is the current learning rate, so a plain SGD step ``γ·g`` never moves a
+    weight by more than ``θ``.  Returns the fraction of elements that were clipped.
+    """
+    bound = theta / lr
+    clipped = total = 0
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        clipped += int((g.abs() > bound).sum())
+        total += g.numel()
+        g.clamp_(-bound, bound)
+    return clipped / max(1, total)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``: nothing is unpickled beyond tensors and plain data)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"no checkpoint at {path}; start without --resume.") from None
+    except Exception as exc:
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+
+
+def _dist_info() -> tuple[int, int, int]:
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Trainer:
+    """One training run.  Iterate :meth:`run` (or call :func:`train`) to make progress.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The recipe.  ``config.out`` (a run directory) enables checkpoints,
+        ``log.jsonl`` and the exported ``best.safetensors``.
+    planes : list of Plane, optional
+        Training images already in memory (used instead of ``config.data``),
+        e.g. napari layers.
+    val_planes : list of Plane, optional
+        Explicit validation planes; default: a held-out part of the training planes.
+    resume : bool
+        Continue from ``config.out/checkpoint.pt`` if it exists.
+    card_extra : dict, optional
+        Extra fields for the exported model card (e.g. data description).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        planes: Optional[list[Plane]] = None,
+        val_planes: Optional[list[Plane]] = None,
+        resume: bool = False,
+        card_extra: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.config = config
+        self.resume = resume
+        self.card_extra = dict(card_extra or {})
+        self._stop = threading.Event()
+        self._planes = planes
+        self._val_planes = val_planes
+        self.out = Path(config.out) if config.out else None
+        self.best_path: Optional[Path] = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (it then checkpoints and exports)."""
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.config
+        self.rank, self.world, local = _dist_info()
+        self.distributed = self.world > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            dev = resolve_device(cfg.device)
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+        dev = resolve_device(cfg.device)
+        if dev.type == "cuda" and self.distributed:
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        self.device = dev
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.is_main = self.rank == 0
+        if self.distributed and cfg.batch_size % self.world:
+            raise TrainingError(f"batch size {cfg.batch_size} must be divisible by the {self.world} processes.")
+        self.local_batch = cfg.batch_size // self.world
+
+        # data
+        planes = self._planes if self._planes is not None else load_planes(cfg.data)
+        if self._val_planes is not None:
+            train_planes, val_planes = planes, self._val_planes
+        else:
+            train_planes, val_planes = split_validation(planes, cfg.val_fraction)
+        levels, level_range = cfg.levels()
+        self.sampler = PatchSampler(
+            train_planes, cfg.task, cfg.patch_size, levels=levels, level_range=level_range,
+            quantize=cfg.quantize, noise_model=cfg.noise_model,
+        )
+        self.val_items = make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model) if val_planes else []
+        self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
+
+        # model
+        torch.manual_seed(cfg.seed)
+        self.base_card: Optional[dict[str, Any]] = None
+        if cfg.init_from:
+            from .weights import load_model
+
+            base, self.base_card = load_model(cfg.init_from, task=None)
+            if cfg.task not in self.base_card.get("tasks", []):
+                from .weights import TASK_LABELS
+
+                raise TrainingError(
+                    f"the base model {Path(self.base_card['path']).name} serves {self.base_card.get('tasks')}, not "
+                    f"{TASK_LABELS[cfg.task]}; start from a {cfg.task} model or from scratch."
+                )
+            if (base.depth, base.width) != (cfg.depth, cfg.width):
+                cfg.depth, cfg.width = base.depth, base.width
+            self.model = base.train()
+        else:
+            self.model = VDSR(cfg.depth, cfg.width)
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.init_from else None
+
+        params = [p for p in self.model.parameters()]
+        if cfg.optimizer == "sgd":
+            # weight decay is added to the gradient before clipping, so every element of the
+            # objective's gradient is clipped (see clip_gradients)
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
+        else:
+            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
+        self.amp_dtype = None
+        if cfg.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.net = self.model
+        if self.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+        self.step = 0
+        self.best = -math.inf
+        self.compute_seconds = 0.0
+        if self.resume and self.out and (self.out / CHECKPOINT_NAME).exists():
+            ck = load_checkpoint(self.out / CHECKPOINT_NAME)
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            if ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
+            self.step = int(ck["step"])
+            self.best = float(ck.get("best", -math.inf))
+            self.compute_seconds = float(ck.get("compute_seconds", 0.0))
+            if ck.get("base_state") is not None:
+                self.base_state = ck["base_state"]
+        elif self.resume and self.out and not (self.out / CHECKPOINT_NAME).exists() and self.is_main:
+            pass  # nothing to resume: start fresh (reported in the start event)
+
+    # ------------------------------------------------------------------ pieces
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.config.seed, self.rank, step])
+        inp, tgt = self.sampler.batch(rng, self.local_batch)
+        t_in, t_tg = torch.from_numpy(inp), torch.from_numpy(tgt)
+        if self.device.type == "cuda":
+            t_in, t_tg = t_in.pin_memory(), t_tg.pin_memory()
+            mf = torch.channels_last
+            return (t_in.to(self.device, non_blocking=True).contiguous(memory_format=mf),
+                    t_tg.to(self.device, non_blocking=True).contiguous(memory_format=mf))
+        return t_in.to(self.device), t_tg.to(self.device)
+
+    def _train_step(self, step: int) -> float:
+        cfg = self.config
+        lr = lr_at(cfg, step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self._batch(step)
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.net(x)
+        diff = out.float() - y
+        # the paper's objective: 1/2 ||y - F(x)||^2, summed over pixels, averaged over the batch
+        loss = 0.5 * diff.pow(2).sum() / x.shape[0]
+        mse = diff.detach().pow(2).mean()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.weight_decay and cfg.optimizer == "sgd":
+            with torch.no_grad():
+                for p in params:
+                    p.grad.add_(p, alpha=cfg.weight_decay)
+        if cfg.clip_theta:
+            clip_gradients(params, cfg.clip_theta, lr)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.distributed:
+            torch.distributed.all_reduce(mse)
+            mse /= self.world
+        return float(mse)
+
+    @torch.no_grad()
+    def _predict(self, model: torch.nn.Module, inp: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(inp)[None, None].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = model(t)
+        return out.float()[0, 0].cpu().numpy()
+
+    def _validate(self, model: Optional[torch.nn.Module] = None) -> tuple[float, float, dict[str, float]]:
+        """Mean PSNR (8-bit rounding, shaved border) of the model and of the degraded input."""
+        from .evaluate import psnr
+
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
+        ours, base = [], []
+        per: dict[str, list[float]] = {}
+        for it in self.val_items:
+            pred = self._predict(model, it.inp)
+            q = lambda a: np.clip(np.round(a * 255.0), 0, 255)  # noqa: E731
+            p_ours = psnr(q(pred), q(it.target), shave=it.shave)
+            p_base = psnr(q(it.inp), q(it.target), shave=it.shave)
+            ours.append(p_ours)
+            base.append(p_base)
+            per.setdefault(f"{it.level:g}", []).append(p_ours)
+        model.train(was_training)
+        return float(np.mean(ours)), float(np.mean(base)), {k: float(np.mean(v)) for k, v in per.items()}
+
+    def _base_model_psnr(self) -> Optional[float]:
+        if self.base_state is None or not self.val_items:
+            return None
+        m = VDSR(self.config.depth, self.config.width).to(self.device)
+        m.load_state_dict(self.base_state)
+        return self._validate(m)[0]
+
+    def _checkpoint(self) -> Optional[Path]:
+        if not (self.out and self.is_main):
+            return None
+        ck = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+            "best": self.best,
+            "compute_seconds": self.compute_seconds,
+            "config": json.loads(self.config.model_dump_json()),
+            "base_state": self.base_state,
+            "format": "napari-vdsr-checkpoint/1",
+        }
+        path = self.out / CHECKPOINT_NAME
+        _atomic_torch_save(ck, path)
+        return path
+
+    def card(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Model card for the current weights."""
+        cfg = self.config
+        dev = self.device
+        card = {
+            "name": cfg.name,
+            "tasks": [cfg.task],
+            "scales": cfg.scales if cfg.task == "sr" else None,
+            "training": {
+                "recipe": json.loads(cfg.model_dump_json(exclude={"out", "device"})),
+                "steps": self.step,
+                "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                "processes": self.world,
+                "compute_hours": round(self.compute_seconds * self.world / 3600.0, 4),
+                "train_planes": self.n_train_planes,
+                "val_planes": self.n_val_planes,
+                "loss": "0.5 * sum of squared error per patch, mean over batch",
+            },
+            "metrics": {"validation": metrics},
+            "normalization": "uint8 / 255; other dtypes by the image's min..max",
+        }
+        card.update(self.card_extra)
+        return card
+
+    def _export(self, name: str, metrics: dict[str, Any]) -> Optional[Path]:
+        if not (self.out and self.is_main):
+            return None
+        from .weights import save_model
+
+        return save_model(self.model, self.out / f"{name}.safetensors", self.card(metrics))
+
+    def _log(self, ev: TrainEvent) -> None:
+        d = ev.to_dict()
+        self.history.append(d)
+        if self.out and self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(d) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Iterator[TrainEvent]:
+        """Run (or continue) training, yielding :class:`TrainEvent` objects."""
+        cfg = self.config
+        self._setup()
+        total = cfg.iterations
+        t0 = time.monotonic()
+        last_ck = time.monotonic()
+        base_model_psnr = self._base_model_psnr() if self.is_main else None
+        start = TrainEvent("start", self.step, total, message=(
+            f"{self.n_train_planes} training planes, {self.n_val_planes} validation planes, device {self.device}"
+            + (f", resumed at step {self.step}" if self.step else "")
+        ), val_base_model_psnr=base_model_psnr)
+        self._log(start)
+        yield start
+        if self.out and self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+        last_metrics: dict[str, Any] = {}
+        if True:
+            while self.step < total:
+                if self._stop.is_set():
+                    break
+                ts = time.monotonic()
+                loss = self._train_step(self.step)
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss} at step {self.step + 1} (learning rate {lr_at(cfg, self.step):g}); "
+                        "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
+                    )
+                self.step += 1
+                self.compute_seconds += time.monotonic() - ts
+                ev = TrainEvent("step", self.step, total, loss=loss, lr=lr_at(cfg, self.step - 1), elapsed=time.monotonic() - t0)
+                if self.step % 10 == 0 or self.step == total:
+                    self._log(ev)
+                yield ev
+                if self.val_items and self.is_main and (self.step % cfg.val_every == 0 or self.step == total):
+                    vp, bp, per = self._validate()
+                    last_metrics = {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step}
+                    if base_model_psnr is not None:
+                        last_metrics["base_model_psnr"] = base_model_psnr
+                    improved = vp > self.best
+                    if improved:
+                        self.best = vp
+                        self.best_path = self._export("best", last_metrics)
+                    vev = TrainEvent("val", self.step, total, val_psnr=vp, val_baseline_psnr=bp,
+                                     val_base_model_psnr=base_model_psnr, val_per_level=per,
+                                     best_psnr=self.best, elapsed=time.monotonic() - t0,
+                                     path=str(self.best_path) if improved and self.best_path else None)
+                    self._log(vev)
+                    yield vev
+                due = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or (
+                    time.monotonic() - last_ck >= cfg.checkpoint_minutes * 60
+                )
+                if due and self.out and self.step < total:
+                    p = self._checkpoint()
+                    last_ck = time.monotonic()
+                    cev = TrainEvent("checkpoint", self.step, total, elapsed=time.monotonic() - t0, path=str(p) if p else None)
+                    self._log(cev)
+                    yield cev
+        # end of run (finished or stopped): checkpoint and export
+        p = self._checkpoint()
+        if self.out and self.is_main:
+            if not self.val_items:
+                self.best_path = self._export("best", {"step": self.step, "note": "no validation data"})
+            elif self.best_path is None and (self.out / "best.safetensors").exists():
+                self.best_path = self.out / "best.safetensors"
+            elif self.best_path is None:
+                vp, bp, per = self._validate()
+                self.best_path = self._export("best", {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step})
+            self._export("last", last_metrics or {"step": self.step})
+        kind = "stopped" if self.step < total else "done"
+        end = TrainEvent(kind, self.step, total, best_psnr=self.best if math.isfinite(self.best) else None,
+                         elapsed=time.monotonic() - t0, path=str(self.best_path) if self.best_path else (str(p) if p else None),
+                         message=f"{kind} at step {self.step}/{total}")
+        self._log(end)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield end
+
+
+def train(config: TrainConfig, **kwargs: Any) -> Iterator[TrainEvent]:
+    """Generator form of :class:`Trainer`: ``for ev in train(cfg): ...``."""
+    return Trainer(config, **kwargs).run()

@@ -1,0 +1,256 @@
+"""Model files and the registry of bundled models.
+
+A model file is a pair ``NAME.safetensors`` (tensors only, never pickled) +
+``NAME.json`` (the *model card*: architecture, tasks, scales, training recipe,
+measured metrics).  The card is also stored in the safetensors metadata so a
+lone ``.safetensors`` file is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import ModelError
+from .model import VDSR
+
+__all__ = [
+    "TASKS",
+    "ModelEntry",
+    "save_model",
+    "load_model",
+    "read_card",
+    "resolve_model_path",
+    "list_models",
+    "default_model_name",
+    "register_model",
+    "BUNDLED_DIR",
+]
+
+TASKS = ("sr", "denoise", "deblock")
+TASK_LABELS = {"sr": "super-resolution", "denoise": "denoising", "deblock": "JPEG artifact removal"}
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
+_META_KEY = "napari_vdsr_card"
+_user_models: dict[str, Path] = {}
+
+
+@dataclass
+class ModelEntry:
+    """One model known to the registry."""
+
+    name: str
+    path: Path
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.card.get("tasks", []))
+
+    @property
+    def bundled(self) -> bool:
+        return self.path.parent == BUNDLED_DIR
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: VDSR, path: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Write ``model`` as ``path`` (.safetensors) plus its JSON card; return the safetensors path.
+
+    ``card`` must name the ``tasks`` the model serves; the architecture is added
+    from the model itself.  Both files are written atomically.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    card = dict(card)
+    tasks = card.get("tasks")
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ModelError(f"the model card must list its tasks among {TASKS}, got {tasks!r}.")
+    card["architecture"] = {"name": "VDSR", **model.config}
+    card.setdefault("format", "napari-vdsr/1")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    text = json.dumps(card, indent=2, sort_keys=False, default=str)
+    _atomic_write_bytes(path, save(state, metadata={_META_KEY: json.dumps(card, default=str)}))
+    _atomic_write_bytes(path.with_suffix(".json"), (text + "\n").encode())
+    return path
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """Turn a model name, a ``.safetensors``/``.json`` path or a run directory into a safetensors path."""
+    if isinstance(spec, str) and spec in _all_entries():
+        return _all_entries()[spec].path
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        for cand in ("best.safetensors", "model.safetensors", "final.safetensors"):
+            if (p / cand).is_file():
+                return p / cand
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ModelError(f"no model (*.safetensors) in directory {p}; train or fine-tune into it first.")
+        raise ModelError(f"several models in {p}: {[f.name for f in found]}; name one file.")
+    if p.suffix == ".json" and p.with_suffix(".safetensors").is_file():
+        return p.with_suffix(".safetensors")
+    if p.is_file():
+        return p
+    known = ", ".join(sorted(_all_entries())) or "none"
+    raise ModelError(f"model {str(spec)!r} not found: give a bundled name ({known}), a .safetensors file or a run directory.")
+
+
+def read_card(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the model card of a safetensors model file (sidecar JSON, else embedded metadata)."""
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if side.is_file():
+        try:
+            return json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"the model card {side} is not valid JSON ({exc}); restore or delete it.") from None
+    meta = _read_metadata(path)
+    if _META_KEY not in meta:
+        raise ModelError(f"{path} has no napari-vdsr model card (no {side.name} and no embedded card).")
+    return json.loads(meta[_META_KEY])
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for garbage input
+        raise ModelError(
+            f"{path} is not a readable safetensors model file ({type(exc).__name__}: {exc}). "
+            "napari-vdsr only loads .safetensors models it (or a compatible tool) wrote; "
+            "pickled .pt/.pth files are refused for safety."
+        ) from None
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    task: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[VDSR, dict[str, Any]]:
+    """Load a model by bundled name, file or run directory; ``None`` = the default for ``task``.
+
+    Returns ``(model in eval mode on device, card)``.
+
+    Raises
+    ------
+    ModelError
+        If the file is missing, is not a safetensors model, does not match its
+        architecture, or was made for another task.
+    """
+    from safetensors.torch import load_file
+
+    if task is not None and task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if spec is None:
+        if task is None:
+            raise ModelError("give a model or a task to choose the default model for.")
+        spec = default_model_name(task)
+    path = resolve_model_path(spec)
+    _read_metadata(path)  # validates the header before anything else
+    card = read_card(path)
+    tasks = card.get("tasks", [])
+    if task is not None and task not in tasks:
+        raise ModelError(
+            f"model {path.name} was trained for {', '.join(TASK_LABELS.get(t, t) for t in tasks) or 'no task'}, "
+            f"not {TASK_LABELS[task]}; pick a {task} model (see `napari-vdsr models`)."
+        )
+    arch = dict(card.get("architecture", {}))
+    arch.pop("name", None)
+    try:
+        model = VDSR(**arch)
+    except TypeError as exc:
+        raise ModelError(f"{path.name}: unsupported architecture in its card: {arch} ({exc}).") from None
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelError(f"{path.name}: weights do not fit the VDSR architecture {arch} ({exc}).") from None
+    card["path"] = str(path)
+    return model.to(device).eval(), card
+
+
+def _bundled_entries() -> dict[str, ModelEntry]:
+    out: dict[str, ModelEntry] = {}
+    if BUNDLED_DIR.is_dir():
+        for f in sorted(BUNDLED_DIR.glob("*.safetensors")):
+            try:
+                card = read_card(f)
+            except ModelError:
+                continue
+            out[f.stem] = ModelEntry(f.stem, f, card)
+    return out
+
+
+def _all_entries() -> dict[str, ModelEntry]:
+    entries = _bundled_entries()
+    for name, path in _user_models.items():
+        try:
+            entries[name] = ModelEntry(name, path, read_card(path))
+        except ModelError:
+            continue
+    return entries
+
+
+def register_model(path: str | os.PathLike, name: str | None = None) -> str:
+    """Make a model file known by name for this process (e.g. right after fine-tuning).
+
+    Returns the name under which it is listed by :func:`list_models`.
+    """
+    p = resolve_model_path(path)
+    read_card(p)
+    name = name or p.stem
+    if name in _bundled_entries():
+        name = f"{name} ({p.parent.name})"
+    _user_models[name] = p
+    return name
+
+
+def list_models(task: str | None = None) -> list[ModelEntry]:
+    """Bundled and registered models, defaults first, optionally only those serving ``task``."""
+    entries: Iterable[ModelEntry] = _all_entries().values()
+    if task is not None:
+        entries = [e for e in entries if task in e.tasks]
+    return sorted(entries, key=lambda e: (task not in e.card.get("default_for", []) if task else False, not e.bundled, e.name))
+
+
+def default_model_name(task: str) -> str:
+    """Name of the bundled model used for ``task`` when none is given."""
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    entries = _bundled_entries()
+    for e in entries.values():
+        if task in e.card.get("default_for", []):
+            return e.name
+    for e in entries.values():
+        if task in e.tasks:
+            return e.name
+    raise ModelError(
+        f"no bundled model for {TASK_LABELS[task]}; pass a model file with --model "
+        "(train one with `napari-vdsr train`)."
+    )
