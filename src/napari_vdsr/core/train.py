@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.1, gt=0)
     lr_schedule: Literal["step", "cosine", "constant"] = "step"
     lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: iterations // 4)")
-    lr_gamma: float = Field(0.1, gt=0, le=1)
+    lr_gamma: float = Field(0.1, ge=0, le=1)
     warmup: int = Field(0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)

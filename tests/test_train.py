@@ -1,0 +1,250 @@
+"""Training engine: adjustable gradient clipping, convergence, exact resume, robustness."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_vdsr.cli import main as cli_main
+from napari_vdsr.core.data import Plane, load_planes
+from napari_vdsr.core.errors import TrainingError
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.train import CHECKPOINT_NAME, TrainConfig, Trainer, clip_gradients, load_checkpoint, lr_at, train
+from napari_vdsr.core.weights import load_model
+
+torch.set_num_threads(1)
+
+
+def _texture(seed: int, size: int = 72) -> np.ndarray:
+    """Smooth random texture with edges, uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.5 + 0.25 * np.sin(2 * np.pi * (rng.uniform(2, 6) * xx + rng.uniform(2, 6) * yy))
+    img += 0.25 * ((xx - 0.5) ** 2 + (yy - 0.3) ** 2 < rng.uniform(0.02, 0.08))
+    return np.clip(img * 255, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        Image.fromarray(_texture(i)).save(d / f"im{i}.png")
+    return d
+
+
+def _cfg(out: Path | None, data: list[str], **kw) -> TrainConfig:
+    base = dict(
+        data=data, task="sr", scales=[2.0, 3.0], iterations=40, batch_size=4, patch_size=16, depth=3, width=8,
+        optimizer="adam", lr=1e-3, lr_schedule="step", lr_step=15, clip_theta=None, weight_decay=0.0,
+        val_fraction=0.25, val_every=10, val_crop=48, device="cpu", out=str(out) if out else None, seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------- clipping
+def test_clip_bound_follows_learning_rate() -> None:
+    p = torch.nn.Parameter(torch.zeros(1000))
+    p.grad = torch.linspace(-0.5, 0.5, 1000)
+    expected = (p.grad.abs() > 0.1).float().mean().item()
+    frac = clip_gradients([p], theta=0.01, lr=0.1)
+    assert p.grad.abs().max().item() == pytest.approx(0.1)
+    assert frac == pytest.approx(expected) and 0.7 < frac < 0.9
+    p.grad = torch.linspace(-50, 50, 1000)
+    clip_gradients([p], theta=0.01, lr=0.001)
+    assert p.grad.abs().max().item() == pytest.approx(10.0)
+    # elements inside the bound are untouched
+    p.grad = torch.full((1000,), 0.05)
+    assert clip_gradients([p], theta=0.01, lr=0.1) == 0.0
+    assert torch.all(p.grad == 0.05)
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.01])
+def test_sgd_update_respects_theta(lr: float, image_dir: Path) -> None:
+    theta = 1e-3
+    cfg = _cfg(None, [str(image_dir)], optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0, clip_theta=theta,
+               iterations=1, lr_schedule="constant", val_fraction=0.0)
+    tr = Trainer(cfg)
+    tr._setup()
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr._train_step(0)
+    deltas = torch.cat([(tr.model.state_dict()[k] - before[k]).flatten() for k in before])
+    # one plain SGD step moves no weight by more than theta ...
+    assert deltas.abs().max().item() <= theta * (1 + 1e-5)
+    # ... and the clipped elements move by exactly theta (the paper's sum loss has large gradients)
+    assert deltas.abs().max().item() == pytest.approx(theta, rel=1e-4)
+
+
+def test_lr_schedule_is_pure_function_of_step() -> None:
+    cfg = TrainConfig(iterations=100, lr=0.1, lr_schedule="step", lr_step=20, lr_gamma=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 19) == pytest.approx(0.1)
+    assert lr_at(cfg, 20) == pytest.approx(0.01)
+    assert lr_at(cfg, 45) == pytest.approx(0.001)
+    cos = TrainConfig(iterations=100, lr=1.0, lr_schedule="cosine", lr_gamma=0.0)
+    assert lr_at(cos, 0) == pytest.approx(1.0)
+    assert lr_at(cos, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- convergence
+def test_loss_falls_and_beats_bicubic_on_tiny_set(image_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "run", [str(image_dir)], iterations=60, lr=2e-3, val_every=60, lr_step=1000)
+    events = list(train(cfg))
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    vals = [e for e in events if e.kind == "val"]
+    assert vals and vals[-1].val_baseline_psnr is not None
+    assert events[-1].kind == "done" and events[-1].step == 60
+    # outputs of a run: checkpoint, log, best model loadable as --model RUN_DIR
+    run = tmp_path / "run"
+    assert (run / CHECKPOINT_NAME).exists() and (run / "best.safetensors").exists()
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "done"
+    model, card = load_model(run, task="sr")
+    assert card["training"]["steps"] >= 1 and card["tasks"] == ["sr"]
+    assert model.depth == 3
+
+
+# ----------------------------------------------------------------------------- exact resume
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run)["model"]
+
+
+def test_resume_is_bit_exact(image_dir: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    list(train(_cfg(straight, [str(image_dir)])))
+
+    split = tmp_path / "split"
+    tr = Trainer(_cfg(split, [str(image_dir)]))
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 20:
+            tr.stop()
+    assert load_checkpoint(split)["step"] == 20
+    list(Trainer(_cfg(split, [str(image_dir)]), resume=True).run())
+
+    a, b = _weights(straight), _weights(split)
+    assert load_checkpoint(split)["step"] == 40
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # also the optimiser moments
+    oa, ob = load_checkpoint(straight)["optimizer"], load_checkpoint(split)["optimizer"]
+    for i in oa["state"]:
+        assert torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
+
+
+def test_cli_train_then_resume_equals_straight(image_dir: Path, tmp_path: Path) -> None:
+    common = ["train", "--data", str(image_dir), "--scales", "2", "--batch-size", "4", "--patch-size", "16",
+              "--depth", "3", "--width", "8", "--optimizer", "sgd", "--lr", "0.01", "--clip-theta", "0.001",
+              "--lr-schedule", "step", "--lr-step", "15", "--val-every", "10", "--val-crop", "32",
+              "--device", "cpu", "--quiet", "--seed", "1"]
+    assert cli_main(common + ["--iterations", "40", "--out", str(tmp_path / "a")]) == 0
+    assert cli_main(common + ["--iterations", "20", "--out", str(tmp_path / "b")]) == 0
+    assert cli_main(common + ["--iterations", "40", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(image_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    tr = Trainer(_cfg(run, [str(image_dir)], iterations=10, checkpoint_every=5, val_every=100))
+    gen = tr.run()
+    for ev in gen:
+        if ev.kind == "checkpoint":
+            break
+    good = load_checkpoint(run)
+    assert good["step"] == 5
+
+    real_save = torch.save
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial garbage")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        for _ in gen:
+            pass
+    monkeypatch.setattr(torch, "save", real_save)
+    again = load_checkpoint(run)
+    assert again["step"] == 5
+    for k in good["model"]:
+        assert torch.equal(good["model"][k], again["model"][k])
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_images_smaller_than_patch(tmp_path: Path) -> None:
+    tiny = [Plane("tiny", np.random.default_rng(0).random((20, 20), dtype=np.float32))]
+    with pytest.raises(TrainingError, match="smaller than one patch"):
+        list(Trainer(_cfg(None, [], patch_size=41, val_fraction=0.0), planes=tiny).run())
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="no image files"):
+        list(train(_cfg(None, [str(tmp_path / "empty")])))
+    assert cli_main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+
+
+def test_non_image_file(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(TrainingError, match="cannot be read"):
+        load_planes([bad])
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(image_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    cfg = _cfg(run, [str(image_dir)], iterations=30, checkpoint_every=10, val_every=100)
+    tr = Trainer(cfg)
+    real_step = Trainer._train_step
+
+    def step(self, k):
+        if k >= 14:
+            return float("nan")
+        return real_step(self, k)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    with pytest.raises(TrainingError, match="loss became nan"):
+        for _ in tr.run():
+            pass
+    assert load_checkpoint(run)["step"] == 10
+
+
+def test_base_model_for_another_task(image_dir: Path, tmp_path: Path) -> None:
+    from napari_vdsr.core.weights import save_model
+
+    p = save_model(VDSR(3, 8), tmp_path / "den.safetensors", {"tasks": ["denoise"]})
+    with pytest.raises(TrainingError, match="serves"):
+        list(train(_cfg(None, [str(image_dir)], init_from=str(p))))
+
+
+# ----------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2", "--iterations", "6",
+           "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+           "--val-every", "3", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    models = sorted(p.name for p in out.glob("*.safetensors"))
+    assert models == ["best.safetensors", "last.safetensors"]
+    card = json.loads((out / "best.json").read_text())
+    assert card["training"]["processes"] == 2
+    assert load_checkpoint(out)["step"] == 6
