@@ -20,6 +20,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 
     d = TrainConfig()
     if finetune:
+        from .core.finetune import FINETUNE_DEFAULTS
+
+        d = TrainConfig(**{k: v for k, v in FINETUNE_DEFAULTS.items()})
         p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="clean images, folders or globs (stacks: one plane each)")
         p.add_argument("--pairs", nargs=2, metavar=("DEGRADED", "CLEAN"), help="registered degraded / clean pair for paired training")
         p.add_argument("--scale", type=float, nargs="+", default=None, help="SR scale(s) to fine-tune for (default 2)")
@@ -32,15 +35,16 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--noise-model", choices=["gaussian", "poisson"], default="gaussian", help="denoise: Gaussian or Poisson (shot) noise")
     p.add_argument("--photon-range", type=float, nargs=2, metavar=("A", "B"), default=d.photon_range, help="Poisson: photons at full intensity")
     p.add_argument("--quality-range", type=int, nargs=2, metavar=("A", "B"), default=d.quality_range, help="JPEG quality range (deblock)")
-    p.add_argument("--iterations", type=int, default=500 if finetune else d.iterations)
-    p.add_argument("--batch-size", type=int, default=16 if finetune else d.batch_size)
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--patch-size", type=int, default=d.patch_size)
     if not finetune:
         p.add_argument("--depth", type=int, default=d.depth)
         p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam" if finetune else d.optimizer)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.1 for sgd, 1e-4 for adam; 2e-5 adam when fine-tuning)")
-    p.add_argument("--lr-schedule", choices=["step", "cosine", "constant"], default="cosine" if finetune else d.lr_schedule)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default 0.1 for sgd; adam: {d.lr if finetune else 1e-4:g})")
+    p.add_argument("--lr-schedule", choices=["step", "cosine", "constant"], default=d.lr_schedule)
     p.add_argument("--lr-step", type=int, default=None, help="step schedule: divide the lr every N steps (default iterations/4)")
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="lr factor per decay (step) or final fraction (cosine)")
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -51,14 +55,17 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
-    p.add_argument("--val-fraction", type=float, default=0.2 if finetune else d.val_fraction, help="planes held out for validation")
-    p.add_argument("--val-every", type=int, default=50 if finetune else d.val_every)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="planes held out for validation")
+    p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoint.pt, log.jsonl, best.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    p.add_argument("--from", dest="init_from", metavar="MODEL", default=None, help="start from this model (name, file or run dir)")
+    p.add_argument("--from", dest="init_from", metavar="MODEL", default=None,
+                   help="start from this model (name, file or run dir)" + ("; default: the bundled model for the task" if finetune else ""))
+    p.add_argument("--start-step", type=int, default=0,
+                   help="with --from: continue that run's step count and lr schedule (see docs/training.md)")
     p.add_argument("--name", default=None, help="model name written in its card")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,7 +73,14 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     from .core.train import TrainConfig
 
-    lr = a.lr if a.lr is not None else ((2e-5 if finetune else 1e-4) if a.optimizer == "adam" else 0.1)
+    if a.lr is not None:
+        lr = a.lr
+    elif a.optimizer == "sgd":
+        lr = 0.1
+    else:
+        from .core.finetune import FINETUNE_DEFAULTS
+
+        lr = FINETUNE_DEFAULTS["lr"] if finetune else 1e-4
     theta = a.clip_theta if a.clip_theta is not None else (0.001 if a.optimizer == "sgd" else None)
     if finetune:
         data = list(a.images)
@@ -81,7 +95,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
         val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
-        checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from,
+        checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from, start_step=a.start_step,
         name=a.name or Path(a.out).name,
     )
     if not finetune:
@@ -122,6 +136,28 @@ def cmd_train(a: argparse.Namespace) -> int:
     return _run_training(Trainer(cfg, resume=a.resume), a.quiet)
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .core.finetune import make_finetune_trainer
+    from .core.io import read_image
+
+    if not a.images and not a.pairs:
+        raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
+    cfg = _config_from_args(a, finetune=True)
+    overrides = cfg.model_dump(include={
+        "iterations", "batch_size", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
+        "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_every", "val_crop",
+        "checkpoint_minutes", "checkpoint_every", "sigma_range", "quality_range", "noise_model", "photon_range",
+        "scale_range",
+    })
+    pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None
+    trainer = make_finetune_trainer(
+        a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from, scales=cfg.scales,
+        out=a.out, name=cfg.name, **overrides,
+    )
+    trainer.resume = a.resume
+    return _run_training(trainer, a.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-vdsr", description="VDSR super-resolution, denoising and JPEG artifact removal.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a VDSR model. Checkpoints in RUN_DIR; --resume continues exactly.")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("finetune", help="fine-tune a model (default: the bundled one) on your own images",
+                       description="Fine-tune a model on clean images (degradations synthesised) or a registered pair. "
+                                   "RUN_DIR then works as --model RUN_DIR.")
+    _add_train_args(p, finetune=True)
+    p.set_defaults(func=cmd_finetune)
+    __import__("napari_vdsr._cli_evaluate", fromlist=["register"]).register(sub)  # evaluate, demo
+    __import__("napari_vdsr._cli_predict", fromlist=["register"]).register(sub)  # predict, models
     return parser
 
 

@@ -225,3 +225,96 @@ def make_validation(
             inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize)
             items.append(ValidationItem(p.name, float(lev), inp, np.ascontiguousarray(hr_l), shave))
     return items
+
+
+def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", name: str = "pair") -> list[tuple[Plane, Plane]]:
+    """Turn a registered (degraded, clean) pair of images or stacks into aligned [0, 1] plane pairs.
+
+    Both use the intensity map of the clean image.  For super-resolution the degraded
+    image may be the low-resolution one: it is then enlarged with bicubic
+    interpolation to the clean size (the network's input).  Any other shape
+    mismatch raises :class:`TrainingError`.
+    """
+    from .degrade import resize
+    from .normalize import check_dtype, intensity_range
+
+    deg, cln = np.asarray(degraded), np.asarray(clean)
+    check_dtype(deg.dtype)
+    check_dtype(cln.dtype)
+    if deg.ndim != cln.ndim or deg.shape[:-2] != cln.shape[:-2]:
+        raise TrainingError(
+            f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} do not match; "
+            "give a registered pair with the same planes (and the same size, or for super-resolution "
+            "a low-resolution image that is an exact fraction of the clean one)."
+        )
+    if deg.shape[-2:] != cln.shape[-2:]:
+        ry, rx = cln.shape[-2] / deg.shape[-2], cln.shape[-1] / deg.shape[-1]
+        if task != "sr" or ry < 1 or rx < 1:
+            raise TrainingError(
+                f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} differ in size; "
+                "for denoising and JPEG artifact removal both must have the same shape."
+            )
+    inten = intensity_range(cln)
+    d = inten.to_net(deg).reshape((-1,) + deg.shape[-2:])
+    c = inten.to_net(cln).reshape((-1,) + cln.shape[-2:])
+    if d.shape[-2:] != c.shape[-2:]:
+        d = resize(d, c.shape[-2:])
+    return [
+        (Plane(f"{name}[{i}]", np.ascontiguousarray(d[i])), Plane(f"{name}[{i}]", np.ascontiguousarray(c[i])))
+        for i in range(len(c))
+    ]
+
+
+class PairSampler:
+    """Aligned random patches from registered (degraded, clean) plane pairs."""
+
+    def __init__(self, pairs: list[tuple[Plane, Plane]], patch_size: int = 41) -> None:
+        self.patch = int(patch_size)
+        self.pairs = [p for p in pairs if min(p[1].data.shape) >= self.patch]
+        if not self.pairs:
+            raise TrainingError(
+                f"every training pair is smaller than one patch ({self.patch} px per side); "
+                "use a smaller patch size or larger images."
+            )
+        self.planes = [p[1] for p in self.pairs]
+        areas = np.array([p[1].data.size for p in self.pairs], dtype=np.float64)
+        self.weights = areas / areas.sum()
+
+    def batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        inp, tgt = [], []
+        P = self.patch
+        for _ in range(n):
+            d, c = self.pairs[rng.choice(len(self.pairs), p=self.weights)]
+            y = int(rng.integers(0, c.data.shape[0] - P + 1))
+            x = int(rng.integers(0, c.data.shape[1] - P + 1))
+            k = int(rng.integers(8))
+            inp.append(_dihedral(d.data[y : y + P, x : x + P], k))
+            tgt.append(_dihedral(c.data[y : y + P, x : x + P], k))
+        return np.stack(inp)[:, None].astype(np.float32), np.stack(tgt)[:, None].astype(np.float32)
+
+
+def split_pairs(pairs: list[tuple[Plane, Plane]], fraction: float) -> tuple[list, list]:
+    """Hold out ``fraction`` of the pairs (or the bottom rows of a single pair) for validation."""
+    if fraction <= 0:
+        return list(pairs), []
+    if len(pairs) == 1:
+        d, c = pairs[0]
+        cut = int(round(c.data.shape[0] * (1 - fraction)))
+        return [(Plane(d.name, d.data[:cut]), Plane(c.name, c.data[:cut]))], [(Plane(d.name, d.data[cut:]), Plane(c.name, c.data[cut:]))]
+    idx_train, idx_val = split_validation([Plane(str(i), p[1].data) for i, p in enumerate(pairs)], fraction)
+    val_ids = {int(p.name) for p in idx_val}
+    return [p for i, p in enumerate(pairs) if i not in val_ids], [p for i, p in enumerate(pairs) if i in val_ids]
+
+
+def make_pair_validation(pairs: list[tuple[Plane, Plane]], crop: int = 192, shave: int = 0) -> list[ValidationItem]:
+    """Validation items from held-out pairs: a centre crop of each."""
+    items = []
+    for d, c in pairs:
+        h, w = c.data.shape
+        ch, cw = min(crop, h), min(crop, w)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        if min(ch, cw) < 2 * shave + 8:
+            continue
+        items.append(ValidationItem(c.name, 0.0, np.ascontiguousarray(d.data[y0 : y0 + ch, x0 : x0 + cw]),
+                                    np.ascontiguousarray(c.data[y0 : y0 + ch, x0 : x0 + cw]), shave))
+    return items

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VDSRError", "InputError", "ModelError", "TrainingError"]
+__all__ = ["VDSRError", "InputError", "ModelError", "TrainingError", "Cancelled"]
 
 
 class VDSRError(ValueError):
@@ -19,3 +19,7 @@ class ModelError(VDSRError):
 
 class TrainingError(VDSRError):
     """Training cannot start or cannot continue (bad data, non-finite loss, ...)."""
+
+
+class Cancelled(VDSRError):
+    """The user stopped a running job (e.g. a stop event was set); no result was produced."""

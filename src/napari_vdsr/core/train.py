@@ -76,6 +76,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: Optional[int] = Field(None, ge=1)
     out: Optional[str] = None
     init_from: Optional[str] = None
+    start_step: int = Field(0, ge=0, description="continue the step count (and lr schedule) of init_from's run")
     name: str = "vdsr"
 
     @field_validator("scales")
@@ -241,6 +242,7 @@ class Trainer:
         val_planes: Optional[list[Plane]] = None,
         resume: bool = False,
         card_extra: Optional[dict[str, Any]] = None,
+        pairs: Optional[list[tuple[Plane, Plane]]] = None,
     ) -> None:
         self.config = config
         self.resume = resume
@@ -248,6 +250,7 @@ class Trainer:
         self._stop = threading.Event()
         self._planes = planes
         self._val_planes = val_planes
+        self._pairs = pairs
         self.out = Path(config.out) if config.out else None
         self.best_path: Optional[Path] = None
         self.history: list[dict[str, Any]] = []
@@ -283,18 +286,30 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.world
 
         # data
-        planes = self._planes if self._planes is not None else load_planes(cfg.data)
-        if self._val_planes is not None:
-            train_planes, val_planes = planes, self._val_planes
+        if self._pairs is not None:
+            from .data import PairSampler, make_pair_validation, split_pairs
+
+            train_pairs, val_pairs = split_pairs(self._pairs, cfg.val_fraction)
+            self.sampler = PairSampler(train_pairs, cfg.patch_size)
+            shave = int(math.ceil(max(cfg.scales))) if cfg.task == "sr" else 0
+            self.val_items = make_pair_validation(val_pairs, cfg.val_crop, shave)
+            self.n_train_planes, self.n_val_planes = len(self.sampler.pairs), len(val_pairs)
         else:
-            train_planes, val_planes = split_validation(planes, cfg.val_fraction)
-        levels, level_range = cfg.levels()
-        self.sampler = PatchSampler(
-            train_planes, cfg.task, cfg.patch_size, levels=levels, level_range=level_range,
-            quantize=cfg.quantize, noise_model=cfg.noise_model,
-        )
-        self.val_items = make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model) if val_planes else []
-        self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
+            planes = self._planes if self._planes is not None else load_planes(cfg.data)
+            if self._val_planes is not None:
+                train_planes, val_planes = planes, self._val_planes
+            else:
+                train_planes, val_planes = split_validation(planes, cfg.val_fraction)
+            levels, level_range = cfg.levels()
+            self.sampler = PatchSampler(
+                train_planes, cfg.task, cfg.patch_size, levels=levels, level_range=level_range,
+                quantize=cfg.quantize, noise_model=cfg.noise_model,
+            )
+            self.val_items = (
+                make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model)
+                if val_planes else []
+            )
+            self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
 
         # model
         torch.manual_seed(cfg.seed)
@@ -351,8 +366,12 @@ class Trainer:
             self.compute_seconds = float(ck.get("compute_seconds", 0.0))
             if ck.get("base_state") is not None:
                 self.base_state = ck["base_state"]
-        elif self.resume and self.out and not (self.out / CHECKPOINT_NAME).exists() and self.is_main:
-            pass  # nothing to resume: start fresh (reported in the start event)
+        elif cfg.start_step:
+            # continuing a run from exported weights (e.g. a committed bundled model): the step
+            # count and the learning-rate schedule go on; optimiser moments start afresh
+            self.step = min(cfg.start_step, cfg.iterations)
+            if self.base_card:
+                self.compute_seconds = float(self.base_card.get("training", {}).get("compute_hours", 0.0)) * 3600.0
 
     # ------------------------------------------------------------------ pieces
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,48 @@
+"""Copy a trained run's best model into the package as a bundled model.
+
+    python scripts/bundle_model.py runs/sr-multiscale --name vdsr-sr-x234 --default-for sr \
+        [--benchmarks docs/benchmarks.json] [--note "..."]
+
+The weights are re-saved (safetensors, float32) with a card that records the
+training recipe, the compute spent, the validation metrics and, when given,
+the benchmark table measured with ``napari-vdsr evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from napari_vdsr.core.weights import BUNDLED_DIR, load_model, save_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory (or model file)")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--default-for", nargs="*", default=[])
+    ap.add_argument("--tasks", nargs="*", default=None, help="override the tasks listed in the card")
+    ap.add_argument("--benchmarks", default=None, help="JSON with benchmark metrics to store in the card")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--compute-note", default="", help="e.g. 'CPU, 2 cores (this project's dev machine)'")
+    a = ap.parse_args()
+    model, card = load_model(a.run)
+    card.pop("path", None)
+    card["name"] = a.name
+    if a.tasks:
+        card["tasks"] = a.tasks
+    card["default_for"] = a.default_for
+    card["training_data"] = "SunHays80 (80 natural RGB images, luminance), 4 held out for validation; no benchmark image"
+    if a.benchmarks:
+        card.setdefault("metrics", {})["benchmarks"] = json.loads(Path(a.benchmarks).read_text())
+    if a.note:
+        card["note"] = a.note
+    if a.compute_note:
+        card.setdefault("training", {})["compute_note"] = a.compute_note
+    out = save_model(model, BUNDLED_DIR / f"{a.name}.safetensors", card)
+    print(f"bundled {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Halo tiling: run a fully convolutional net on a large 2-D plane tile by tile.
+
+Every tile is an *interior* box of at most ``tile`` x ``tile`` pixels, extended by
+a halo of ``halo`` pixels on each side and cropped to the image bounds.  The
+network pads each layer with zeros; with ``halo >= depth`` (half the receptive
+field, 20 px for the default 20-layer VDSR) the interior of every tile is then
+identical to the corresponding part of the untiled result:
+
+* inside the image, the halo holds real image data, so the zero padding at the
+  tile's edge cannot reach the interior (it moves inwards one pixel per layer);
+* at the image border the tile is *cropped* (never padded with image data), so
+  the network sees exactly the zero padding it would see on the whole image.
+
+Memory is bounded by the tile size: a forward pass never holds more than
+``max((tile + 2*halo)**2, BATCH_PIXELS)`` pixels (small tiles of equal shape
+are batched together up to :data:`BATCH_PIXELS`).  No Qt or napari imports.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "MIN_TILE",
+    "BATCH_PIXELS",
+    "halo_for",
+    "split_axis",
+    "tile_boxes",
+    "count_tiles",
+    "prepare_net",
+    "predict_plane_iter",
+    "predict_plane",
+]
+
+#: Smallest accepted tile (interior) size in pixels.
+MIN_TILE = 16
+#: Small tiles of equal shape are stacked into one forward pass up to this many pixels.
+BATCH_PIXELS = 512 * 512
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
+
+
+def halo_for(net: nn.Module) -> int:
+    """Halo (pixels per side) that makes tiling exact for ``net``.
+
+    For a VDSR of ``depth`` 3x3 layers this is ``depth`` = (receptive field - 1) / 2.
+    Other modules: the number of 3x3 convolutions (each widens the field by one pixel
+    per side) or, for unknown layers, ``sum((k - 1) // 2 * dilation)`` over convolutions.
+    """
+    depth = getattr(net, "depth", None)
+    if isinstance(depth, int) and depth > 0:
+        return depth
+    h = 0
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            k = max(m.kernel_size)
+            d = max(m.dilation)
+            h += (k - 1) // 2 * d
+    return h
+
+
+def split_axis(n: int, tile: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ``ceil(n / tile)`` nearly equal half-open intervals."""
+    if n <= 0:
+        return []
+    k = max(1, math.ceil(n / tile))
+    size = math.ceil(n / k)
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def tile_boxes(shape: Sequence[int], tile: int) -> list[Box]:
+    """Interior boxes ``(y0, y1, x0, x1)`` covering a plane of ``shape`` (H, W)."""
+    h, w = int(shape[-2]), int(shape[-1])
+    return [(y0, y1, x0, x1) for y0, y1 in split_axis(h, tile) for x0, x1 in split_axis(w, tile)]
+
+
+def count_tiles(shape: Sequence[int], tile: int) -> int:
+    """Number of tiles :func:`predict_plane_iter` uses for a plane of ``shape`` (H, W)."""
+    h, w = int(shape[-2]), int(shape[-1])
+    return len(split_axis(h, tile)) * len(split_axis(w, tile))
+
+
+def _amp_dtype(device: torch.device, amp: Optional[bool | torch.dtype]) -> Optional[torch.dtype]:
+    if amp is None:  # auto: bf16 on CUDA, full precision elsewhere
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp is False:
+        return None
+    if amp is True:
+        return torch.bfloat16 if device.type == "cuda" else None
+    return amp
+
+
+def prepare_net(net: nn.Module, device: torch.device) -> nn.Module:
+    """Return ``net`` ready for inference on ``device`` without modifying the caller's module.
+
+    On CPU a module that already lives there is used as is; otherwise a copy is moved
+    (and converted to channels_last on CUDA).
+    """
+    import copy
+
+    try:
+        p = next(net.parameters())
+        on_device = p.device == device or (p.device.type == device.type and device.index is None)
+    except StopIteration:
+        on_device = True
+    if on_device and device.type != "cuda":
+        return net
+    net = copy.deepcopy(net).to(device).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def predict_plane_iter(
+    net: nn.Module,
+    plane: np.ndarray,
+    out: np.ndarray,
+    tile: int = 512,
+    halo: Optional[int] = None,
+    device: torch.device | str = "cpu",
+    amp: Optional[bool | torch.dtype] = None,
+    batch_pixels: int = BATCH_PIXELS,
+) -> Iterator[int]:
+    """Run ``net`` on a 2-D float32 ``plane`` tile by tile, writing into ``out``.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Fully convolutional network mapping (N, 1, H, W) to (N, 1, H, W); used as
+        is (call :func:`prepare_net` first to move it to ``device``).
+    plane : ndarray (H, W)
+        Network input (float32 on the network's scale).  Never modified.
+    out : ndarray (H, W), float32
+        Receives the result.
+    tile : int
+        Interior tile size in pixels (>= :data:`MIN_TILE`).
+    halo : int, optional
+        Context pixels per side; default :func:`halo_for` ``(net)``.
+    device : torch.device or str
+        Where to run.
+    amp : bool, torch.dtype or None
+        Autocast dtype; ``None`` = bfloat16 on CUDA, float32 elsewhere.
+    batch_pixels : int
+        Tiles of equal shape are batched while the batch holds at most this many pixels.
+
+    Yields
+    ------
+    int
+        Number of tiles finished so far, after every forward pass (one or more tiles).
+    """
+    plane = np.asarray(plane)
+    if plane.ndim != 2:
+        raise ValueError(f"predict_plane_iter needs a 2-D plane, got shape {plane.shape}.")
+    if tile < MIN_TILE:
+        raise ValueError(f"tile must be >= {MIN_TILE} px, got {tile}.")
+    h, w = plane.shape
+    halo = halo_for(net) if halo is None else int(halo)
+    device = torch.device(device)
+    amp_dtype = _amp_dtype(device, amp)
+    mf = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    # group tiles by the shape of their (halo-extended, bound-cropped) crop so that equal
+    # crops can share a forward pass
+    groups: dict[tuple[int, int], list[tuple[Box, Box]]] = {}
+    for y0, y1, x0, x1 in tile_boxes((h, w), tile):
+        cy0, cy1, cx0, cx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
+        groups.setdefault((cy1 - cy0, cx1 - cx0), []).append(((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)))
+
+    done = 0
+    for (ch, cw), items in groups.items():
+        per_batch = max(1, batch_pixels // (ch * cw))
+        for b in range(0, len(items), per_batch):
+            chunk = items[b : b + per_batch]
+            batch = np.stack([plane[cy0:cy1, cx0:cx1] for _, (cy0, cy1, cx0, cx1) in chunk])
+            t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
+            t = t.to(device, non_blocking=True).contiguous(memory_format=mf)
+            ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+            # grad / autocast modes are entered per forward, never across a yield
+            with torch.inference_mode(), ctx:
+                res = net(t)
+            res = res.float()[:, 0].cpu().numpy()
+            for k, ((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)) in enumerate(chunk):
+                out[y0:y1, x0:x1] = res[k, y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
+            done += len(chunk)
+            yield done
+
+
+def predict_plane(
+    net: nn.Module,
+    plane: np.ndarray,
+    tile: int = 512,
+    halo: Optional[int] = None,
+    device: torch.device | str = "cpu",
+    amp: Optional[bool | torch.dtype] = None,
+) -> np.ndarray:
+    """Tiled prediction of a whole 2-D plane; returns float32 (H, W).
+
+    ``tile`` larger than the plane = one untiled forward pass.  See
+    :func:`predict_plane_iter` for the parameters.
+    """
+    plane = np.asarray(plane, dtype=np.float32)
+    out = np.empty(plane.shape, dtype=np.float32)
+    for _ in predict_plane_iter(net, plane, out, tile=tile, halo=halo, device=device, amp=amp):
+        pass
+    return out

@@ -1,0 +1,104 @@
+"""Fine-tuning engine and CLI (the widget has its own GUI tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_vdsr.cli import main as cli_main
+from napari_vdsr.core.degrade import downscale
+from napari_vdsr.core.errors import TrainingError
+from napari_vdsr.core.finetune import make_finetune_trainer
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.synthetic import synthetic_cells
+from napari_vdsr.core.weights import load_model, save_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_model(VDSR(depth=4, width=12), tmp_path / "base.safetensors", {"tasks": ["sr", "denoise"], "name": "tiny"})
+
+
+@pytest.fixture
+def stack() -> np.ndarray:
+    return synthetic_cells((5, 96, 96), seed=2)
+
+
+def test_finetune_beats_base_model_on_held_out_planes(tiny_base: Path, stack: np.ndarray, tmp_path: Path) -> None:
+    tr = make_finetune_trainer("sr", images=[stack], base_model=str(tiny_base), scales=[2.0], out=str(tmp_path / "ft"),
+                               iterations=150, batch_size=8, patch_size=24, lr=1e-3, val_every=50, val_crop=96,
+                               device="cpu", val_fraction=0.2)
+    events = list(tr.run())
+    start = events[0]
+    vals = [e for e in events if e.kind == "val"]
+    assert start.val_base_model_psnr is not None
+    assert tr.n_val_planes == 1 and tr.n_train_planes == 4
+    best = max(v.val_psnr for v in vals)
+    assert best > start.val_base_model_psnr + 0.1, (best, start.val_base_model_psnr)
+    model, card = load_model(tmp_path / "ft", task="sr")
+    assert card["finetuned_from"]["path"] == str(tiny_base)
+    assert card["metrics"]["validation"]["base_model_psnr"] == pytest.approx(start.val_base_model_psnr)
+    assert card["default_for"] == []
+    assert (model.depth, model.width) == (4, 12)
+
+
+def test_paired_sr_finetune_with_low_resolution_input(tiny_base: Path, tmp_path: Path) -> None:
+    clean = synthetic_cells((4, 64, 64), seed=3)
+    low = np.clip(np.round(downscale(clean.astype(np.float32), 2)), 0, 65535).astype(np.uint16)
+    tr = make_finetune_trainer("sr", pairs=[(low, clean)], base_model=str(tiny_base), iterations=5, batch_size=4,
+                               patch_size=24, val_every=5, val_crop=64, device="cpu")
+    events = list(tr.run())
+    assert events[-1].kind == "done"
+    assert any(e.kind == "val" for e in events)
+
+
+def test_mismatched_pair(tiny_base: Path) -> None:
+    with pytest.raises(TrainingError, match="do not match|differ in size"):
+        make_finetune_trainer("denoise", pairs=[(np.zeros((50, 60), np.uint8), np.zeros((50, 50), np.uint8))],
+                              base_model=str(tiny_base))
+    with pytest.raises(TrainingError, match="do not match"):
+        make_finetune_trainer("sr", pairs=[(np.zeros((2, 50, 50), np.uint8), np.zeros((3, 100, 100), np.uint8))],
+                              base_model=str(tiny_base))
+
+
+def test_base_model_for_another_task(tiny_base: Path, stack: np.ndarray) -> None:
+    with pytest.raises(TrainingError, match="not JPEG artifact removal"):
+        make_finetune_trainer("deblock", images=[stack], base_model=str(tiny_base))
+
+
+def test_layer_smaller_than_patch(tiny_base: Path) -> None:
+    tr = make_finetune_trainer("sr", images=[np.zeros((3, 20, 20), np.uint16)], base_model=str(tiny_base),
+                               patch_size=41, iterations=2, device="cpu")
+    with pytest.raises(TrainingError, match="smaller than one patch"):
+        list(tr.run())
+
+
+def test_cli_finetune_then_predict_model_dir(tiny_base: Path, stack: np.ndarray, tmp_path: Path) -> None:
+    tif = tmp_path / "cells.tif"
+    tifffile.imwrite(tif, stack)
+    out = tmp_path / "ft"
+    rc = cli_main(["finetune", "--images", str(tif), "--task", "sr", "--scale", "2", "--iterations", "6",
+                   "--batch-size", "4", "--patch-size", "24", "--from", str(tiny_base), "--clip-theta", "0.01",
+                   "--val-every", "3", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert rc == 0
+    card = json.loads((out / "best.json").read_text())
+    assert card["training"]["recipe"]["clip_theta"] == 0.01
+    assert card["training"]["recipe"]["init_from"] == str(tiny_base)
+    load_model(out, task="sr")
+
+
+def test_cli_finetune_wrong_task_base(tiny_base: Path, stack: np.ndarray, tmp_path: Path, capsys) -> None:
+    tif = tmp_path / "cells.tif"
+    tifffile.imwrite(tif, stack)
+    rc = cli_main(["finetune", "--images", str(tif), "--task", "deblock", "--from", str(tiny_base),
+                   "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 2
+    assert "not JPEG artifact removal" in capsys.readouterr().err
