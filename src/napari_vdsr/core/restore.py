@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, InputError, ModelError
-from .model import VDSR
-from .tiling import MIN_TILE, count_tiles, predict_plane_iter, prepare_net
+from .tiling import MIN_TILE, count_tiles, cpu_allocation_tuning, predict_plane_iter, prepare_net
 
 __all__ = [
     "RestoreProgress",
@@ -284,6 +283,7 @@ def _intensity(image, dtype: np.dtype, ax: str, plane_idx: list[tuple]):
     lo, hi = math.inf, -math.inf
     for idx in plane_idx:
         p = np.asarray(image[idx])
+        _check_finite(p, "the image")
         lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
     return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
 
@@ -402,7 +402,13 @@ def restore_iter(
     )
 
 
-def _restore_gen(
+def _restore_gen(*args) -> Iterator[RestoreProgress]:
+    dev = args[6]
+    with cpu_allocation_tuning(dev.type == "cpu"):  # undone when the generator finishes or is closed
+        yield from _restore_work(*args)
+
+
+def _restore_work(
     img, dtype, ax, task, out_hw, net, dev, tile, todo, all_idx, to_canon, from_canon,
     result_shape, compact, per_plane, total, is_rgb,
 ) -> Iterator[RestoreProgress]:

@@ -19,7 +19,10 @@ are batched together up to :data:`BATCH_PIXELS`).  No Qt or napari imports.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import os
+import sys
+import threading
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -34,6 +37,7 @@ __all__ = [
     "tile_boxes",
     "count_tiles",
     "prepare_net",
+    "cpu_allocation_tuning",
     "predict_plane_iter",
     "predict_plane",
 ]
@@ -96,25 +100,79 @@ def _amp_dtype(device: torch.device, amp: Optional[bool | torch.dtype]) -> Optio
     return amp
 
 
-def prepare_net(net: nn.Module, device: torch.device) -> nn.Module:
-    """Return ``net`` ready for inference on ``device`` without modifying the caller's module.
+def prepare_net(net: nn.Module, device: torch.device | str) -> nn.Module:
+    """Return a copy of ``net`` ready for inference on ``device``; the caller's module is untouched.
 
-    On CPU a module that already lives there is used as is; otherwise a copy is moved
-    (and converted to channels_last on CUDA).
+    The copy is in eval mode and uses the channels_last memory format on CPU and CUDA
+    (oneDNN and cuDNN then skip a layout conversion per layer: measured 1.3x faster
+    on a 2-core AVX2 CPU).  MPS keeps the default layout.
     """
     import copy
 
-    try:
-        p = next(net.parameters())
-        on_device = p.device == device or (p.device.type == device.type and device.index is None)
-    except StopIteration:
-        on_device = True
-    if on_device and device.type != "cuda":
-        return net
+    device = torch.device(device)
     net = copy.deepcopy(net).to(device).eval()
-    if device.type == "cuda":
+    if device.type in ("cpu", "cuda"):
         net = net.to(memory_format=torch.channels_last)
     return net
+
+
+_libc = None
+_tuning_lock = threading.Lock()
+_tuning_users = 0
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+def _glibc():
+    """The C library if it is glibc on Linux and the user has not tuned malloc already; else None."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in os.environ) \
+                and os.environ.get("NAPARI_VDSR_NO_MALLOPT", "") in ("", "0"):
+            try:
+                import ctypes
+
+                lib = ctypes.CDLL("libc.so.6")
+                lib.mallopt, lib.malloc_trim  # noqa: B018 - glibc only
+                _libc = lib
+            except (OSError, AttributeError):
+                _libc = False
+    return _libc or None
+
+
+@contextmanager
+def cpu_allocation_tuning(enabled: bool = True) -> Iterator[None]:
+    """Keep freed memory in the heap while convolutions run on CPU (glibc only).
+
+    Each layer of a 552x552 tile allocates a fresh ~78 MB feature map; glibc serves
+    such blocks with ``mmap`` and returns them on ``free``, so every layer pays page
+    faults on fresh zeroed memory (measured: 20 % of the CPU time of a forward pass,
+    as system time).  Inside this context ``M_MMAP_MAX = 0`` and a high trim threshold
+    let the blocks be reused; on exit the defaults are restored and the heap is
+    trimmed (``malloc_trim``) so the memory goes back to the system.  Allocations of
+    threads other than the main one may still use ``mmap`` (harmless).  Set
+    ``NAPARI_VDSR_NO_MALLOPT=1`` (or any ``MALLOC_*`` variable) to disable.
+    """
+    global _tuning_users
+    lib = _glibc() if enabled else None
+    if lib is None:
+        yield
+        return
+    with _tuning_lock:
+        if _tuning_users == 0:
+            lib.mallopt(_M_MMAP_MAX, 0)
+            lib.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        _tuning_users += 1
+    try:
+        yield
+    finally:
+        with _tuning_lock:
+            _tuning_users -= 1
+            if _tuning_users == 0:
+                for param, value in _GLIBC_DEFAULTS.items():
+                    lib.mallopt(param, value)
+                lib.malloc_trim(0)
 
 
 def predict_plane_iter(
@@ -133,7 +191,8 @@ def predict_plane_iter(
     ----------
     net : torch.nn.Module
         Fully convolutional network mapping (N, 1, H, W) to (N, 1, H, W); used as
-        is (call :func:`prepare_net` first to move it to ``device``).
+        is (call :func:`prepare_net` first to move it to ``device`` and to the
+        channels_last layout).
     plane : ndarray (H, W)
         Network input (float32 on the network's scale).  Never modified.
     out : ndarray (H, W), float32
@@ -163,7 +222,7 @@ def predict_plane_iter(
     halo = halo_for(net) if halo is None else int(halo)
     device = torch.device(device)
     amp_dtype = _amp_dtype(device, amp)
-    mf = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    mf = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
     # group tiles by the shape of their (halo-extended, bound-cropped) crop so that equal
     # crops can share a forward pass
@@ -172,6 +231,11 @@ def predict_plane_iter(
         cy0, cy1, cx0, cx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
         groups.setdefault((cy1 - cy0, cx1 - cx0), []).append(((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)))
 
+    with cpu_allocation_tuning(device.type == "cpu"):  # process-wide; undone when the generator ends or closes
+        yield from _run_groups(net, plane, out, groups, device, amp_dtype, mf, batch_pixels)
+
+
+def _run_groups(net, plane, out, groups, device, amp_dtype, mf, batch_pixels) -> Iterator[int]:
     done = 0
     for (ch, cw), items in groups.items():
         per_batch = max(1, batch_pixels // (ch * cw))
@@ -181,10 +245,10 @@ def predict_plane_iter(
             t = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None]
             t = t.to(device, non_blocking=True).contiguous(memory_format=mf)
             ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-            # grad / autocast modes are entered per forward, never across a yield
+            # grad / autocast modes are thread-local: entered per forward, never across a yield
             with torch.inference_mode(), ctx:
                 res = net(t)
-            res = res.float()[:, 0].cpu().numpy()
+                res = res.float()[:, 0].cpu().numpy()
             for k, ((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)) in enumerate(chunk):
                 out[y0:y1, x0:x1] = res[k, y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
             done += len(chunk)
@@ -201,11 +265,14 @@ def predict_plane(
 ) -> np.ndarray:
     """Tiled prediction of a whole 2-D plane; returns float32 (H, W).
 
-    ``tile`` larger than the plane = one untiled forward pass.  See
+    ``tile`` larger than the plane = one untiled forward pass.  ``net`` is copied
+    with :func:`prepare_net` (the caller's module is untouched).  See
     :func:`predict_plane_iter` for the parameters.
     """
     plane = np.asarray(plane, dtype=np.float32)
     out = np.empty(plane.shape, dtype=np.float32)
+    halo = halo_for(net) if halo is None else halo
+    net = prepare_net(net, device)
     for _ in predict_plane_iter(net, plane, out, tile=tile, halo=halo, device=device, amp=amp):
         pass
     return out

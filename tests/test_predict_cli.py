@@ -1,0 +1,169 @@
+"""`napari-vdsr predict` and `napari-vdsr models` driven through cli.main()."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from napari_vdsr.cli import main
+from napari_vdsr.core import weights
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.restore import restore
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    torch.manual_seed(0)
+    net = VDSR(depth=3, width=8)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
+    card = {"tasks": ["sr"], "scales": [2, 3, 4], "metrics": {"validation": {"psnr": 30.5}}}
+    return weights.save_model(net, tmp_path / "models" / "tiny-sr.safetensors", card)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "in"
+    d.mkdir()
+    stack = rng.integers(0, 4000, (3, 20, 24)).astype(np.uint16)
+    tifffile.imwrite(d / "stack.tif", stack, metadata={"axes": "ZYX"}, resolution=(2.0, 2.0), photometric="minisblack")
+    rgb = rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(d / "photo.png")
+    np.save(d / "plane.npy", rng.random((20, 24)).astype(np.float32))
+    return d, stack, rgb
+
+
+def predict(*args):
+    return main(["predict", *map(str, args), "--device", "cpu", "--quiet"])
+
+
+def test_predict_several_formats(tmp_path, tiny_model, inputs):
+    d, stack, rgb = inputs
+    out = tmp_path / "out"
+    rc = predict(d / "stack.tif", d / "photo.png", d / "plane.npy", "-o", out, "--model", tiny_model, "--tile", 16)
+    assert rc == 0
+    s = tifffile.imread(out / "stack_x2.tif")
+    assert s.shape == (3, 40, 48) and s.dtype == np.uint16
+    net, card = weights.load_model(tiny_model)
+    np.testing.assert_array_equal(s, restore(stack, model=(net, card), device="cpu", tile=16))
+    with tifffile.TiffFile(out / "stack_x2.tif") as tf:
+        xres = tf.pages[0].get_resolution()[0]
+    assert xres == pytest.approx(4.0)  # pixel size halves: the physical size is kept
+    p = np.asarray(Image.open(out / "photo_x2.png"))
+    assert p.shape == (40, 48, 3) and p.dtype == np.uint8
+    n = np.load(out / "plane_x2.npy")
+    assert n.shape == (40, 48) and n.dtype == np.float32
+    np.testing.assert_array_equal(tifffile.imread(d / "stack.tif"), stack)  # inputs untouched
+
+
+def test_predict_scale_pair_axes_and_single_output_file(tmp_path, tiny_model, inputs):
+    d, stack, _ = inputs
+    target = tmp_path / "res.tif"
+    assert predict(d / "stack.tif", "-o", target, "--model", tiny_model, "--scale", 2, 3, "--axes", "CYX") == 0
+    assert tifffile.imread(target).shape == (3, 40, 72)
+    assert predict(d / "stack.tif", "-o", tmp_path / "o2", "--model", tiny_model, "--scale", 1.5) == 0
+    assert tifffile.imread(tmp_path / "o2" / "stack_x1.5.tif").shape == (3, 30, 36)
+
+
+def test_refuses_to_overwrite(tmp_path, tiny_model, inputs, capsys):
+    d, *_ = inputs
+    out = tmp_path / "out"
+    assert predict(d / "plane.npy", "-o", out, "--model", tiny_model) == 0
+    first = np.load(out / "plane_x2.npy")
+    (out / "plane_x2.npy").write_bytes(b"keep me")
+    assert predict(d / "plane.npy", "-o", out, "--model", tiny_model) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "plane_x2.npy").read_bytes() == b"keep me"
+    assert predict(d / "plane.npy", "-o", out, "--model", tiny_model, "--overwrite") == 0
+    np.testing.assert_array_equal(np.load(out / "plane_x2.npy"), first)
+
+
+def test_never_overwrites_an_input(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    img = np.random.default_rng(1).random((12, 12)).astype(np.float32)
+    np.save(d / "a.npy", img)
+    np.save(d / "a_x2.npy", img)
+    rc = predict(d / "a.npy", d / "a_x2.npy", "-o", d, "--model", tiny_model, "--overwrite")
+    assert rc != 0
+    assert "replace an input" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(d / "a_x2.npy"), img)
+    assert np.load(d / "a_x2_x2.npy").shape == (24, 24)  # the other file was still processed
+
+
+def test_bad_file_reported_and_others_continue(tmp_path, tiny_model, inputs, capsys):
+    d, *_ = inputs
+    (d / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    rc = predict(d / "broken.png", d / "plane.npy", "-o", out, "--model", tiny_model)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.png" in err and "1 of 2" in err
+    assert (out / "plane_x2.npy").is_file()
+
+
+def test_folder_input_and_denoise_name(tmp_path, inputs):
+    d, *_ = inputs
+    net = VDSR(depth=3, width=4)
+    model = weights.save_model(net, tmp_path / "dn.safetensors", {"tasks": ["denoise"]})
+    out = tmp_path / "out"
+    assert predict(d, "-o", out, "--model", model, "--task", "denoise") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["photo_denoised.png", "plane_denoised.npy", "stack_denoised.tif"]
+    assert tifffile.imread(out / "stack_denoised.tif").shape == (3, 20, 24)
+
+
+def test_jpeg_deblock_written_as_png(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)).save(d / "x.jpg", quality=20)
+    model = weights.save_model(VDSR(depth=3, width=4), tmp_path / "db.safetensors", {"tasks": ["deblock"]})
+    assert predict(d / "x.jpg", "-o", tmp_path / "out", "--model", model, "--task", "deblock") == 0
+    assert (tmp_path / "out" / "x_deblocked.png").is_file()
+
+
+def test_model_errors_exit_2(tmp_path, tiny_model, inputs, capsys):
+    d, *_ = inputs
+    assert predict(d / "plane.npy", "-o", tmp_path / "o", "--model", tiny_model, "--task", "denoise") == 2
+    assert "not denoising" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04junk")
+    assert predict(d / "plane.npy", "-o", tmp_path / "o", "--model", junk) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [(["--scale", "0.5"], ">= 1"), (["--scale", "2", "2", "2"], "one factor or two"),
+                                         (["--tile", "4"], "at least 16"), (["--axes", "QYX"], "unknown letter")])
+def test_bad_options(tmp_path, tiny_model, inputs, capsys, extra, words):
+    d, *_ = inputs
+    rc = predict(d / "stack.tif", "-o", tmp_path / "o", "--model", tiny_model, *extra)
+    assert rc != 0
+    assert words in capsys.readouterr().err
+
+
+def test_help_texts(capsys):
+    for cmd in ("predict", "models"):
+        with pytest.raises(SystemExit) as info:
+            main([cmd, "--help"])
+        assert info.value.code == 0
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_models_lists_cards(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tiny_model.parent)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-sr" in out and "sr" in out and "2, 3, 4" in out and "30.5" in out
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["name"] == "tiny-sr" and data[0]["card"]["scales"] == [2, 3, 4]
+    assert main(["models", "--task", "denoise"]) == 0
+    assert "no models" in capsys.readouterr().out

@@ -1,0 +1,394 @@
+"""restore(): dtypes, axes, RGB, stacks, input safety, errors, cancellation, models."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_vdsr.core import weights
+from napari_vdsr.core.color import rgb_to_ycbcr
+from napari_vdsr.core.degrade import resize
+from napari_vdsr.core.errors import Cancelled, InputError, ModelError
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.restore import (
+    RestoreProgress,
+    infer_axes,
+    output_shape,
+    plane_count,
+    restore,
+    restore_iter,
+)
+
+torch.set_num_threads(1)
+
+
+def busy_net(depth: int = 4, width: int = 4, seed: int = 0) -> VDSR:
+    torch.manual_seed(seed)
+    net = VDSR(depth=depth, width=width)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
+            torch.nn.init.normal_(m.bias, 0.02, 0.02)
+    return net.eval()
+
+
+def identity_net() -> VDSR:
+    """Residual VDSR whose residual is exactly zero: restore() must then equal bicubic."""
+    net = VDSR(depth=3, width=4)
+    torch.nn.init.zeros_(net.body[-1].weight)
+    torch.nn.init.zeros_(net.body[-1].bias)
+    return net.eval()
+
+
+def offset_net(value: float) -> VDSR:
+    net = identity_net()
+    torch.nn.init.constant_(net.body[-1].bias, value)
+    return net
+
+
+NET = busy_net()
+ID = identity_net()
+RNG = np.random.default_rng(0)
+
+
+def rand(shape, dtype):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return RNG.random(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -3000), min(info.max, 60000)
+    return RNG.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
+
+
+def run(img, **kw):
+    kw.setdefault("model", NET)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("tile", 32)
+    return restore(img, **kw)
+
+
+# ----------------------------------------------------------------------------- shapes and dtypes
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32", "float64"])
+@pytest.mark.parametrize("task", ["sr", "denoise", "deblock"])
+def test_grey_dtype_and_shape_round_trip(dtype, task):
+    img = rand((23, 30), dtype)
+    keep = img.copy()
+    out = run(img, task=task, scale=2)
+    assert out.dtype == img.dtype
+    assert out.shape == ((46, 60) if task == "sr" else (23, 30))
+    np.testing.assert_array_equal(img, keep)
+
+
+@pytest.mark.parametrize(
+    "shape,axes,expected",
+    [
+        ((4, 20, 24), "ZYX", (4, 40, 48)),
+        ((2, 3, 20, 24), "TCYX", (2, 3, 40, 48)),
+        ((20, 24, 2), "YXC", (40, 48, 2)),
+        ((2, 20, 24), "CYX", (2, 40, 48)),
+        ((20, 2, 24), "YCX", (40, 2, 48)),
+        ((20, 24, 3), "YXS", (40, 48, 3)),
+        ((2, 20, 24, 4), "ZYXS", (2, 40, 48, 4)),
+        ((20, 24), None, (40, 48)),
+        ((3, 20, 24), None, (3, 40, 48)),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_nd_shapes(shape, axes, expected, dtype):
+    img = rand(shape, dtype)
+    keep = img.copy()
+    out = run(img, axes=axes, scale=2)
+    assert out.shape == expected == output_shape(shape, axes, 2)
+    assert out.dtype == img.dtype
+    np.testing.assert_array_equal(img, keep)
+
+
+def test_axes_lowercase_and_channel_axis_anywhere_equal_per_plane():
+    img = rand((20, 24, 3), "uint8")
+    out_last = run(img, axes="yxc", scale=2)
+    out_first = run(np.moveaxis(img, -1, 0).copy(), axes="CYX", scale=2)
+    np.testing.assert_array_equal(np.moveaxis(out_last, -1, 0), out_first)
+    # each channel is its own grey image
+    for c in range(3):
+        np.testing.assert_array_equal(out_first[c], run(img[..., c].copy(), scale=2))
+
+
+def test_stack_planes_equal_single_planes_for_uint8():
+    stack = rand((3, 21, 17), "uint8")
+    out = run(stack, scale=1.5)
+    for z in range(3):
+        np.testing.assert_array_equal(out[z], run(stack[z], scale=1.5))
+
+
+def test_stack_uses_one_intensity_map():
+    """Planes of a uint16 stack share the map of the whole stack: a dim plane stays dim."""
+    bright = rand((20, 20), "uint16")
+    stack = np.stack([bright, bright // 4])
+    out = restore(stack, task="denoise", model=ID, device="cpu")
+    np.testing.assert_array_equal(out, stack)  # identity model: exact round trip
+    out = run(stack, task="denoise")
+    assert out[1].mean() < out[0].mean() / 2
+
+
+def test_identity_model_equals_bicubic_grey():
+    img = rand((24, 31), "uint8")
+    out = restore(img, task="sr", scale=(2, 3), model=ID, device="cpu", tile=16)
+    ref = np.clip(np.rint(resize(img.astype(np.float32), (48, 93))), 0, 255)
+    diff = np.abs(out.astype(float) - ref)
+    assert out.shape == ref.shape and diff.max() <= 1  # /255 and *255 may move a .5 across rounding
+    assert (diff == 0).mean() > 0.99
+
+
+def test_identity_model_float_round_trip_not_clipped():
+    img = (RNG.random((16, 16)) * 10 - 3).astype(np.float32)
+    out = restore(img, task="denoise", model=ID, device="cpu")
+    np.testing.assert_allclose(out, img, atol=1e-5)
+    off = restore(img, task="denoise", model=offset_net(0.5), device="cpu")
+    # residual of +0.5 on the net's [0, 1] scale = +half the image range; floats are not clipped
+    assert off.max() > img.max() + 1.0
+
+
+def test_integers_clipped_not_wrapped():
+    img = np.full((16, 16), 250, np.uint8)
+    out = restore(img, task="denoise", model=offset_net(0.5), device="cpu")
+    assert out.dtype == np.uint8 and (out == 255).all()
+    out = restore(img, task="denoise", model=offset_net(-2.0), device="cpu")
+    assert (out == 0).all()
+
+
+def test_rgb_identity_equals_bicubic_and_net_sees_luminance():
+    img = rand((20, 26, 3), "uint8")
+    out = restore(img, task="sr", scale=2, model=ID, device="cpu")
+    ref = np.moveaxis(resize(np.moveaxis(img.astype(np.float32), -1, 0), (40, 52)), 0, -1)
+    assert out.dtype == np.uint8 and out.shape == (40, 52, 3)
+    assert np.abs(out.astype(float) - np.clip(np.rint(ref), 0, 255)).max() <= 1
+    # with a real net only luminance changes: chroma of the output equals bicubic chroma
+    out = restore(img, task="sr", scale=2, model=NET, device="cpu")
+    ycc_out = rgb_to_ycbcr(out.astype(np.float32))
+    ycc_ref = rgb_to_ycbcr(ref)  # bicubic RGB before clipping, as restore() converts it
+    inside = (out > 2).all(-1) & (out < 253).all(-1)  # away from clipping
+    assert inside.mean() > 0.3
+    assert np.abs(ycc_out[..., 1:] - ycc_ref[..., 1:])[inside].max() < 1.5  # rounding to uint8 only
+    assert np.abs(ycc_out[..., 0] - ycc_ref[..., 0]).max() > 5
+
+
+def test_rgba_alpha_is_bicubic_only():
+    img = rand((20, 22, 4), "uint8")
+    out = run(img, scale=2)
+    alpha = np.clip(np.rint(resize(img[..., 3].astype(np.float32), (40, 44))), 0, 255)
+    np.testing.assert_array_equal(out[..., 3], alpha)
+
+
+def test_rgb_flag_overrides_inference():
+    img = rand((20, 22, 3), "uint8")
+    assert infer_axes(img.shape) == "YXS"
+    assert infer_axes(img.shape, rgb=False) == "ZYX"
+    out = run(img, rgb=False, scale=2)
+    assert out.shape == (20, 44, 6)  # 20 planes (Z) of 22x3 pixels
+
+
+@pytest.mark.parametrize(
+    "shape,rgb,axes",
+    [((5, 6), None, "YX"), ((3, 5, 6), None, "ZYX"), ((2, 3, 5, 6), None, "TZYX"), ((2, 2, 3, 5, 6), None, "TCZYX"),
+     ((10, 12, 3), None, "YXS"), ((10, 12, 4), None, "YXS"), ((2, 10, 12, 3), None, "ZYXS"), ((10, 12, 3), False, "ZYX"),
+     ((10, 12, 5), None, "ZYX")],
+)
+def test_infer_axes(shape, rgb, axes):
+    assert infer_axes(shape, rgb) == axes
+
+
+def test_planes_subset():
+    img = rand((2, 3, 20, 24), "uint16")
+    full = run(img, axes="TCYX", scale=2)
+    assert plane_count(img.shape, "TCYX") == 6
+    part = run(img, axes="TCYX", scale=2, planes=[4, 1])
+    assert part.shape == (2, 40, 48)
+    np.testing.assert_array_equal(part[0], full[1, 1])
+    np.testing.assert_array_equal(part[1], full[0, 1])
+    rgb = rand((2, 20, 24, 3), "uint8")
+    part = run(rgb, scale=2, planes=[1])
+    assert part.shape == (1, 40, 48, 3)
+    np.testing.assert_array_equal(part[0], run(rgb, scale=2)[1])
+
+
+def test_dask_and_arraylike_input():
+    da = pytest.importorskip("dask.array")
+    img = rand((3, 20, 24), "uint16")
+    ref = run(img, scale=2)
+    np.testing.assert_array_equal(run(da.from_array(img, chunks=(1, 10, 24)), scale=2), ref)
+
+    class Lazy:
+        """Minimal array-like: shape, dtype and indexing only (like a zarr array)."""
+
+        def __init__(self, a):
+            self.a, self.shape, self.dtype, self.reads = a, a.shape, a.dtype, 0
+
+        def __getitem__(self, idx):
+            self.reads += 1
+            return self.a[idx].copy()
+
+    lazy = Lazy(img)
+    np.testing.assert_array_equal(run(lazy, scale=2), ref)
+    assert lazy.reads >= 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "img,kw,words",
+    [
+        (np.zeros((0, 5), np.uint8), {}, ["empty"]),
+        (np.zeros((1, 1), np.uint8), {}, ["2x2"]),
+        (np.zeros((1, 40), np.uint8), {}, ["2x2"]),
+        (np.zeros(5, np.uint8), {}, ["2 axes"]),
+        (np.zeros((8, 8), bool), {}, ["boolean", "uint8"]),
+        (np.zeros((8, 8), complex), {}, ["complex", "np.abs"]),
+        (np.zeros((8, 8), object), {}, ["object", "float"]),
+        (np.array([[np.nan] * 8] * 8, np.float32), {}, ["NaN", "nan_to_num"]),
+        (np.where(np.eye(8) > 0, np.inf, 0).astype(np.float32), {}, ["infinite", "nan_to_num"]),
+        (np.zeros((8, 8), np.uint8), {"scale": 0.5}, [">= 1"]),
+        (np.zeros((8, 8), np.uint8), {"scale": 17}, ["maximum", "smaller"]),
+        (np.zeros((8, 8), np.uint8), {"scale": float("nan")}, [">= 1"]),
+        (np.zeros((8, 8), np.uint8), {"scale": (2, 3, 4)}, ["(y, x) pair"]),
+        (np.zeros((3, 8, 8), np.uint8), {"axes": "ZQX"}, ["unknown letter", "'Q'", "ZYX"]),
+        (np.zeros((3, 8, 8), np.uint8), {"axes": "YYX"}, ["repeats", "once"]),
+        (np.zeros((3, 8, 8), np.uint8), {"axes": "ZCY"}, ["Y and X"]),
+        (np.zeros((3, 8, 8), np.uint8), {"axes": "YX"}, ["3 axes", "one letter per axis"]),
+        (np.zeros((8, 8, 5), np.uint8), {"axes": "YXS"}, ["not 3 or 4", "call it C"]),
+        (np.zeros((8, 8), np.uint8), {"axes": 3}, ["string"]),
+        (np.zeros((8, 8), np.uint8), {"tile": 8}, ["at least 16", "512"]),
+        (np.zeros((8, 8), np.uint8), {"task": "deblur"}, ["unknown task", "sr, denoise, deblock"]),
+        (np.zeros((2, 8, 8), np.uint8), {"planes": [2]}, ["out of range", "0..1"]),
+        (np.zeros((8, 8), np.uint8), {"device": "tpu"}, ["unknown device", "cpu"]),
+    ],
+)
+def test_bad_input_errors_name_the_fix(img, kw, words):
+    with pytest.raises(InputError) as info:
+        run(img, **kw)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_nan_anywhere_in_stack_is_refused():
+    img = np.zeros((3, 8, 8), np.float32)
+    img[2, 1, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        run(img, planes=[0, 1])  # the whole image's range is checked, even for a subset
+
+
+def test_errors_raised_before_iteration():
+    with pytest.raises(InputError):
+        restore_iter(np.zeros((8, 8), bool), model=NET)
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+class CountingNet:
+    """A busy VDSR whose forward passes are counted (a hook survives restore()'s private copy)."""
+
+    def __init__(self):
+        self.net = busy_net()
+        self.seen: list[int] = []
+        self.net.register_forward_hook(lambda mod, inp, out: self.seen.append(1))
+
+    @property
+    def calls(self) -> int:
+        return len(self.seen)
+
+
+def test_cancel_with_stop_event_stops_within_one_tile():
+    img = rand((3, 64, 64), "uint8")
+    counter = CountingNet()
+    net = counter.net
+    stop = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        stop.set()
+
+    with pytest.raises(Cancelled):
+        restore(img, task="denoise", model=net, tile=512, device="cpu", progress=progress, stop=stop)
+    assert seen == [(1, 3)]
+    assert counter.calls == 1
+
+
+def test_stop_already_set_does_nothing():
+    stop = threading.Event()
+    stop.set()
+    counter = CountingNet()
+    net = counter.net
+    with pytest.raises(Cancelled):
+        restore(rand((16, 16), "uint8"), model=net, device="cpu", stop=stop)
+    assert counter.calls == 0
+
+
+def test_cancel_by_closing_generator():
+    img = rand((4, 48, 48), "uint16")
+    counter = CountingNet()
+    net = counter.net
+    gen = restore_iter(img, task="sr", scale=2, model=net, tile=512, device="cpu")
+    assert counter.calls == 0  # nothing runs before iteration
+    first = next(gen)
+    assert isinstance(first, RestoreProgress) and first.total == 4 and first.result is None
+    gen.close()
+    assert counter.calls == 1
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_progress_callback_reaches_total():
+    seen = []
+    out = run(rand((2, 40, 40), "uint8"), scale=2, tile=16, progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (2, 80, 80)
+    assert seen[-1][0] == seen[-1][1] and len(seen) >= 2
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_model_from_file_and_task_mismatch(tmp_path):
+    path = weights.save_model(NET, tmp_path / "tiny.safetensors", {"tasks": ["denoise"]})
+    img = rand((16, 16), "uint8")
+    a = restore(img, task="denoise", model=str(path), device="cpu")
+    np.testing.assert_array_equal(a, run(img, task="denoise"))
+    with pytest.raises(ModelError, match="not super-resolution"):
+        restore(img, task="sr", model=path, device="cpu")
+    net, card = weights.load_model(path)
+    with pytest.raises(ModelError, match="denoising"):
+        restore(img, task="sr", model=(net, card), device="cpu")
+    assert restore(img, task="denoise", model=(net, card), device="cpu").shape == (16, 16)
+
+
+def test_default_model_missing_and_present(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(weights, "BUNDLED_DIR", empty)
+    with pytest.raises(ModelError, match="no bundled model"):
+        restore(rand((16, 16), "uint8"), task="sr", device="cpu")
+    weights.save_model(NET, empty / "tiny-sr.safetensors", {"tasks": ["sr"], "default_for": ["sr"], "scales": [2]})
+    out = restore(rand((16, 16), "uint8"), task="sr", scale=2, device="cpu")
+    assert out.shape == (32, 32)
+
+
+def test_bad_model_argument():
+    with pytest.raises(ModelError, match="VDSR"):
+        restore(rand((16, 16), "uint8"), model=42, device="cpu")
+
+
+def test_model_not_mutated():
+    net = busy_net(seed=3)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    run(rand((20, 20), "uint8"), model=net)
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
