@@ -385,7 +385,8 @@ def iter_evaluate(
     if task == "sr":
         _sr_scale(scale)
     dev = resolve_device(device)
-    hr_dir, lr_dir = find_dataset(dataset_dir, scale if task == "sr" and np.ndim(scale) == 0 else None)
+    pick = scale if np.ndim(scale) == 0 else (scale[0] if len(set(scale)) == 1 else None)
+    hr_dir, lr_dir = find_dataset(dataset_dir, pick)  # a benchmark root: x{scale}/ (x2/ for other tasks)
     if task != "sr" or generate_lr:
         lr_dir = None
     files = _list_images(hr_dir)
