@@ -1,0 +1,538 @@
+"""The Super-resolve, Denoise and Remove-compression-artifacts widgets.
+
+One base class, :class:`RestoreWidget`, holds everything; the three widgets
+only add their task parameter.  The widgets are thin: all computation is
+:func:`napari_vdsr.core.restore.restore_iter`, run in a napari
+``thread_worker`` (one progress event per tile), so the viewer stays
+responsive and Cancel stops the work within one tile.
+
+"Current plane" on an n-D layer restores the Y/X plane at the viewer's current
+slider position.  The result keeps the layer's leading axes with length 1 and
+is translated to that plane, so it overlays the input at that slice only
+(scroll away and it disappears, as the single restored plane should).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    RadioButtons,
+    SpinBox,
+    Widget,
+    create_widget,
+)
+
+from ..core.errors import VDSRError
+from ..core.restore import infer_axes, output_shape, restore_iter
+from ..core.tiling import MIN_TILE
+from ..core.weights import TASK_LABELS, default_model_name, list_models, read_card, resolve_model_path
+from ._geometry import LayerSnapshot, output_layer_kwargs
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = [
+    "RestoreWidget",
+    "SuperResolveWidget",
+    "DenoiseWidget",
+    "DeblockWidget",
+    "refresh_model_choices",
+]
+
+DEFAULT = "__default__"
+FROM_FILE = "__file__"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CURRENT_PLANE = "current plane"
+WHOLE_STACK = "whole stack"
+
+_LIVE: "weakref.WeakSet[RestoreWidget]" = weakref.WeakSet()
+
+
+def refresh_model_choices() -> None:
+    """Re-read the model lists of every open restore widget.
+
+    Call this after :func:`napari_vdsr.core.weights.register_model` (e.g. when
+    a fine-tuned model was saved) so the new model shows up at once.  The lists
+    are also refreshed whenever a widget is shown and whenever layers change.
+    """
+    for w in list(_LIVE):
+        try:
+            w.refresh_models()
+        except RuntimeError:  # the Qt side was already deleted
+            _LIVE.discard(w)
+
+
+@dataclass
+class _Job:
+    """One run: everything the worker and the result handler need, frozen at start."""
+
+    src: LayerSnapshot
+    data: Any
+    task: str
+    scale: float
+    model: Optional[str]
+    model_label: str
+    axes: str
+    tile: int
+    device: str
+    plane: Optional[tuple[int, ...]] = None  # index over the leading axes, for "current plane"
+    hint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flat_plane(self) -> Optional[int]:
+        if self.plane is None:
+            return None
+        return int(np.ravel_multi_index(self.plane, self.src.lead_shape))
+
+
+@dataclass
+class _Failed:
+    """Returned by the worker instead of a result when the core refused the job."""
+
+    message: str
+
+
+def _work(job: _Job):
+    """Generator run in the worker thread: yields progress events, returns the result (or a _Failed)."""
+    planes = None if job.flat_plane is None else [job.flat_plane]
+    try:
+        gen = restore_iter(
+            job.data,
+            task=job.task,
+            scale=job.scale,
+            model=job.model,
+            axes=job.axes,
+            rgb=job.src.rgb,
+            tile=job.tile,
+            device=job.device,
+            planes=planes,
+        )
+        try:
+            for ev in gen:
+                if ev.result is not None:
+                    return ev.result
+                yield ev
+        finally:
+            gen.close()
+    except VDSRError as exc:
+        return _Failed(str(exc))
+    return _Failed("the restoration ended without a result (internal error); please report it.")
+
+
+class _ShowWatcher:
+    """Calls ``callback`` whenever a Qt widget is shown (so choices are fresh when the dock opens)."""
+
+    def __init__(self, native: Any, callback: Any) -> None:
+        from qtpy.QtCore import QEvent, QObject
+
+        class _Filter(QObject):
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt API)
+                if event.type() == QEvent.Type.Show:
+                    callback()
+                return False
+
+        self.filter = _Filter(native)
+        native.installEventFilter(self.filter)
+
+
+class RestoreWidget(Container):
+    """Base widget: image picker, model, task parameter, tile, device, plane/stack, Run/Cancel.
+
+    Subclasses set :attr:`task`, :attr:`verb`, :attr:`suffix` and may add task
+    widgets in :meth:`_task_widgets`.
+    """
+
+    task: ClassVar[str] = "sr"
+    verb: ClassVar[str] = "Restore"
+    suffix: ClassVar[str] = "restored"
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._progress: Any = None
+        self._job: Optional[_Job] = None
+        self._cancelled = False
+
+        self._image = create_widget(label="image", annotation="napari.layers.Image", name="image")
+        self._image.tooltip = "Image layer to restore (labels, points and shapes layers are not listed)."
+        self._model = ComboBox(label="model", name="model", choices=self._model_choices)
+        self._model.tooltip = (
+            f"Bundled default {TASK_LABELS[self.task]} model, models registered in this session "
+            "(e.g. fine-tuned ones), or a .safetensors file."
+        )
+        self._model_file = FileEdit(label="model file", name="model_file", mode="r", filter="*.safetensors", visible=False)
+        self._tile = SpinBox(label="tile size", name="tile", min=MIN_TILE, max=8192, step=64, value=512)
+        self._tile.tooltip = "Tiles of this many pixels (plus a halo) are processed at a time; smaller = less memory."
+        self._device = ComboBox(label="device", name="device", choices=list(DEVICES), value="auto")
+        self._device.tooltip = "auto = CUDA if available, else Apple MPS, else CPU."
+        self._extent = RadioButtons(
+            label="process", name="extent", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE,
+            orientation="horizontal", visible=False,
+        )
+        self._extent.tooltip = "For stacks: only the plane shown now (quick preview) or every plane."
+        self._info = Label(name="info", value="")
+        self._run_btn = PushButton(name="run", text=self.verb)
+        self._cancel_btn = PushButton(name="cancel", text="Cancel", enabled=False)
+        self._buttons = Container(widgets=[self._run_btn, self._cancel_btn], layout="horizontal", labels=False)
+        self._buttons.margins = (0, 0, 0, 0)
+
+        self.extend(
+            [self._image, self._model, self._model_file, *self._task_widgets(), self._tile, self._device,
+             self._extent, self._info, self._buttons]
+        )
+
+        self._image.changed.connect(self._update_state)
+        self._model.changed.connect(self._update_state)
+        self._extent.changed.connect(self._update_state)
+        self._run_btn.changed.connect(self._on_run)
+        self._cancel_btn.changed.connect(self.cancel)
+        self._show_watcher = _ShowWatcher(self.native, self.refresh_models)
+        _LIVE.add(self)
+        self._update_state()
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def _task_widgets(self) -> list[Widget]:
+        return []
+
+    def _scale(self) -> float:
+        return 1.0
+
+    def _hint(self) -> dict[str, Any]:
+        return {}
+
+    def _hint_warning(self, card: dict[str, Any]) -> Optional[str]:
+        """A message when the task parameter lies outside what the model was trained on."""
+        return None
+
+    def _output_name(self, name: str, job: _Job) -> str:
+        return f"{name} {self.suffix} VDSR"
+
+    # ------------------------------------------------------------------ models
+
+    def _model_choices(self, _widget: Any = None) -> list[tuple[str, str]]:
+        try:
+            default = default_model_name(self.task)
+            choices = [(f"default ({default})", DEFAULT)]
+        except VDSRError:
+            default = None
+            choices = [("default (not installed yet)", DEFAULT)]
+        choices += [(e.name, e.name) for e in list_models(self.task) if e.name != default]
+        choices.append(("file…", FROM_FILE))
+        return choices
+
+    def refresh_models(self) -> None:
+        """Re-read bundled and registered models for the model list (keeps the selection if still there)."""
+        self._model.reset_choices()
+
+    def _model_spec(self) -> tuple[Optional[str], str]:
+        """(model argument for the core, label for names and metadata); raises VDSRError when unusable."""
+        from ..core.errors import ModelError
+
+        choice = self._model.value
+        if choice == FROM_FILE:
+            path = Path(self._model_file.value or "")
+            if not path.is_file():
+                raise ModelError(
+                    "choose a model file (.safetensors) in 'model file', or pick a listed model."
+                )
+            return str(path), str(path)
+        if choice == DEFAULT or choice is None:
+            try:
+                return None, default_model_name(self.task)
+            except VDSRError:
+                raise ModelError(
+                    f"no bundled {TASK_LABELS[self.task]} model is installed yet: choose 'file…' in the model "
+                    "list and pick a .safetensors model (train one with `napari-vdsr train`, or use the "
+                    "Fine-tune widget)."
+                ) from None
+        return str(choice), str(choice)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def running(self) -> bool:
+        """True while a worker is running."""
+        return self._worker is not None
+
+    @property
+    def worker(self) -> Any:
+        """The running napari worker, or None."""
+        return self._worker
+
+    def _update_state(self, *_: Any) -> None:
+        self._model_file.visible = self._model.value == FROM_FILE
+        from napari.layers import Image
+
+        layer = self._image.value
+        if not isinstance(layer, Image):
+            self._extent.visible = False
+            self._info.value = "no image layer: open or select one"
+            return
+        snap_ndim = int(layer.ndim)
+        self._extent.visible = snap_ndim > 2
+        try:
+            data = layer.data[0] if layer.multiscale else layer.data
+            shape = tuple(int(s) for s in data.shape)
+            out = output_shape(shape, infer_axes(shape, rgb=bool(layer.rgb)), self._scale())
+            h, w = shape[snap_ndim - 2 : snap_ndim]
+            oh, ow = out[snap_ndim - 2 : snap_ndim]
+            lead = shape[: snap_ndim - 2]
+            n = int(np.prod(lead)) if lead else 1
+            planes = 1 if (not lead or self._extent.value == CURRENT_PLANE) else n
+            kind = "RGB " if layer.rgb else ""
+            self._info.value = f"{kind}{h}×{w} → {oh}×{ow}, {planes} plane{'s' if planes != 1 else ''}, {data.dtype}"
+        except (VDSRError, ValueError) as exc:
+            self._info.value = str(exc)[:80]
+
+    def _current_plane(self, layer: Any, src: LayerSnapshot) -> tuple[int, ...]:
+        """Index over the layer's leading axes at the viewer's current position."""
+        pos = np.asarray(layer.world_to_data(self._viewer.dims.point), dtype=float)
+        lead = src.lead_shape
+        return tuple(int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(pos[: len(lead)], lead))
+
+    # ------------------------------------------------------------------ running
+
+    def _notify(self, kind: str, message: str) -> None:
+        from napari.utils import notifications
+
+        getattr(notifications, f"show_{kind}")(message)
+
+    def _make_job(self) -> Optional[_Job]:
+        from napari.layers import Image
+
+        layer = self._image.value
+        if layer is None or not isinstance(layer, Image):
+            what = "no image layer is selected" if layer is None else f"layer {layer.name!r} is not an image layer"
+            self._notify(
+                "warning",
+                f"{self.verb}: {what}. Open an image (File > Open or File > Open Sample > napari-vdsr) and pick "
+                "it in 'image'; labels, points and shapes layers cannot be restored.",
+            )
+            return None
+        try:
+            model, model_label = self._model_spec()
+            src = LayerSnapshot.of(layer)
+            axes = infer_axes(src.shape, rgb=src.rgb)
+        except VDSRError as exc:
+            self._notify("error", f"{self.verb}: {exc}")
+            return None
+        data = layer.data[0] if layer.multiscale else layer.data
+        plane = None
+        if src.ndim > 2 and self._extent.value == CURRENT_PLANE:
+            plane = self._current_plane(layer, src)
+        job = _Job(
+            src=src, data=data, task=self.task, scale=self._scale(), model=model, model_label=model_label,
+            axes=axes, tile=int(self._tile.value), device=str(self._device.value), plane=plane, hint=self._hint(),
+        )
+        self._warn_outside_training(job)
+        return job
+
+    def _warn_outside_training(self, job: _Job) -> None:
+        try:
+            card = read_card(resolve_model_path(job.model if job.model is not None else job.model_label))
+        except (VDSRError, OSError):
+            return  # the worker reports unusable models
+        msg = self._hint_warning(card)
+        if msg:
+            self._notify("warning", f"{self.verb}: {msg}")
+
+    def _on_run(self, *_: Any) -> None:
+        self.run()
+
+    def run(self) -> Any:
+        """Start restoring the selected layer in a worker thread; return the worker (None if refused).
+
+        The result is added as a new layer when the worker finishes; errors
+        appear as napari notifications.  Use :meth:`cancel` to stop.
+        """
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if self.running:
+            self._notify("info", f"{self.verb} is already running; cancel it or wait for it to finish.")
+            return None
+        job = self._make_job()
+        if job is None:
+            return None
+        self._job = job
+        self._cancelled = False
+        where = f" (plane {', '.join(map(str, job.plane))})" if job.plane is not None else ""
+        self._progress = progress(total=0, desc=f"{self.verb} {job.src.name}{where}")
+        worker = create_worker(_work, job, _start_thread=False)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._run_btn.enabled = False
+        self._cancel_btn.enabled = True
+        worker.start()
+        return worker
+
+    def cancel(self, *_: Any) -> None:
+        """Stop the running job within one tile; no layer is added."""
+        if self._worker is None:
+            return
+        self._cancelled = True
+        self._cancel_btn.enabled = False
+        if self._progress is not None:
+            self._progress.set_description(f"{self.verb}: cancelling")
+        self._worker.quit()
+
+    def _on_progress(self, ev: Any) -> None:
+        pbr = self._progress
+        if pbr is None:
+            return
+        if pbr.total != ev.total:
+            pbr.total = ev.total
+        if ev.n_planes > 1:
+            pbr.set_description(f"{self.verb} {self._job.src.name}: plane {ev.plane + 1}/{ev.n_planes}")
+        pbr.update(ev.done - pbr.n)
+
+    def _on_returned(self, result: Any) -> None:
+        job = self._job
+        if isinstance(result, _Failed):
+            self._notify("error", f"{self.verb}: {result.message}")
+            return
+        if job is None:
+            return
+        if self._cancelled:  # Cancel came after the last tile: still honour it
+            self._on_aborted()
+            return
+        self._add_result(job, result)
+
+    def _add_result(self, job: _Job, result: np.ndarray) -> Any:
+        src = job.src
+        lead_offset = None
+        name = self._output_name(src.name, job)
+        if job.plane is not None:
+            # (1, H', W'[, S]) from the core → the layer's own axes with length-1 leading axes
+            result = result.reshape((1,) * len(job.plane) + result.shape[1:])
+            lead_offset = job.plane
+            name += f" [plane {', '.join(map(str, job.plane))}]"
+        meta = {
+            "task": job.task,
+            "model": job.model_label,
+            "source_layer": src.name,
+            "tile": job.tile,
+            "device": job.device,
+        }
+        if job.task == "sr":
+            meta["scale"] = job.scale
+        if job.plane is not None:
+            meta["plane"] = list(job.plane)
+        meta.update(job.hint)
+        kwargs = output_layer_kwargs(src, result.shape, name, lead_offset=lead_offset, extra_metadata=meta)
+        return self._viewer.add_image(result, **kwargs)
+
+    def _on_aborted(self) -> None:
+        name = self._job.src.name if self._job is not None else "the layer"
+        self._notify("info", f"{self.verb} of {name} cancelled; no layer was added.")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        self._progress = None
+        self._worker = None
+        self._job = None
+        self._run_btn.enabled = True
+        self._cancel_btn.enabled = False
+
+
+class SuperResolveWidget(RestoreWidget):
+    """Super-resolve an image layer by any factor ≥ 1 (2, 3, 4, 1.5, ...)."""
+
+    task = "sr"
+    verb = "Super-resolve"
+
+    def _task_widgets(self) -> list[Widget]:
+        self._scale_w = FloatSpinBox(label="scale", name="scale", min=1.0, max=16.0, step=0.5, value=2.0)
+        self._scale_w.tooltip = "Magnification along Y and X: 2, 3, 4 or any factor between 1 and 16 (e.g. 1.5)."
+        self._scale_w.changed.connect(self._update_state)
+        return [self._scale_w]
+
+    def _scale(self) -> float:
+        return float(self._scale_w.value)
+
+    def _output_name(self, name: str, job: _Job) -> str:
+        return f"{name} ×{job.scale:g} VDSR"
+
+    def _hint_warning(self, card: dict[str, Any]) -> Optional[str]:
+        recipe = (card.get("training") or {}).get("recipe") or {}
+        rng = recipe.get("scale_range")
+        scales = card.get("scales") or recipe.get("scales")
+        lo_hi = tuple(rng) if rng else ((min(scales), max(scales)) if scales else None)
+        s = self._scale()
+        if lo_hi and not (lo_hi[0] - 1e-6 <= s <= lo_hi[1] + 1e-6):
+            return (
+                f"the model was trained for scales ×{lo_hi[0]:g}–×{lo_hi[1]:g}; ×{s:g} is outside that range, "
+                "so the result may be weaker (it still runs)."
+            )
+        return None
+
+
+class DenoiseWidget(RestoreWidget):
+    """Remove noise from an image layer (blind; an optional noise level is checked against the model)."""
+
+    task = "denoise"
+    verb = "Denoise"
+    suffix = "denoised"
+
+    def _task_widgets(self) -> list[Widget]:
+        self._sigma = FloatSpinBox(label="noise level σ", name="sigma", min=0.0, max=255.0, step=5.0, value=0.0)
+        self._sigma.native.setSpecialValueText("unknown")
+        self._sigma.tooltip = (
+            "Optional: Gaussian noise standard deviation on a 0..255 scale. The model is blind (it does not need "
+            "it); a value outside the model's training range gives a warning."
+        )
+        return [self._sigma]
+
+    def _hint(self) -> dict[str, Any]:
+        return {"noise_sigma": float(self._sigma.value)} if self._sigma.value > 0 else {}
+
+    def _hint_warning(self, card: dict[str, Any]) -> Optional[str]:
+        sigma = float(self._sigma.value)
+        rng = ((card.get("training") or {}).get("recipe") or {}).get("sigma_range")
+        if sigma > 0 and rng and not (rng[0] <= sigma <= rng[1]):
+            return f"the model was trained on noise σ {rng[0]:g}–{rng[1]:g}; σ {sigma:g} is outside that range."
+        return None
+
+
+class DeblockWidget(RestoreWidget):
+    """Remove JPEG compression artifacts (blocking, ringing) from an image layer."""
+
+    task = "deblock"
+    verb = "Remove artifacts"
+    suffix = "deblocked"
+
+    def _task_widgets(self) -> list[Widget]:
+        self._quality = SpinBox(label="JPEG quality", name="quality", min=0, max=100, step=5, value=0)
+        self._quality.native.setSpecialValueText("unknown")
+        self._quality.tooltip = (
+            "Optional: the JPEG quality (1–100) the image was saved with. The model is blind; a quality outside "
+            "its training range gives a warning."
+        )
+        return [self._quality]
+
+    def _hint(self) -> dict[str, Any]:
+        return {"jpeg_quality": int(self._quality.value)} if self._quality.value > 0 else {}
+
+    def _hint_warning(self, card: dict[str, Any]) -> Optional[str]:
+        q = int(self._quality.value)
+        rng = ((card.get("training") or {}).get("recipe") or {}).get("quality_range")
+        if q > 0 and rng and not (rng[0] <= q <= rng[1]):
+            return f"the model was trained on JPEG quality {rng[0]:g}–{rng[1]:g}; quality {q} is outside that range."
+        return None

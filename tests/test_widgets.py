@@ -1,0 +1,406 @@
+"""GUI tests of the restore widgets (Super-resolve, Denoise, Remove compression artifacts).
+
+They need napari, a Qt binding and a display: pytest-xvfb starts Xvfb when the
+binary exists.  Without any of these the module is skipped with the reason.
+A tiny random VDSR (depth 3, width 8; its residual branch starts near zero, so
+the output is close to bicubic) keeps every run well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari", reason="napari is not installed (pip install -e .[testing])")
+pytest.importorskip("qtpy", reason="no Qt binding (pip install -e .[testing])")
+if (
+    sys.platform.startswith("linux")
+    and not os.environ.get("DISPLAY")
+    and not os.environ.get("WAYLAND_DISPLAY")
+    and os.environ.get("QT_QPA_PLATFORM") not in ("offscreen", "minimal")
+    and shutil.which("Xvfb") is None
+):
+    pytest.skip("no display: set DISPLAY or install Xvfb (pytest-xvfb starts it)", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from napari_vdsr._widgets import (  # noqa: E402
+    DeblockWidget,
+    DenoiseWidget,
+    SuperResolveWidget,
+    refresh_model_choices,
+)
+from napari_vdsr._widgets import _restore  # noqa: E402
+from napari_vdsr.core import weights  # noqa: E402
+from napari_vdsr.core.errors import ModelError  # noqa: E402
+from napari_vdsr.core.model import VDSR  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 60_000
+WIDGETS = [SuperResolveWidget, DenoiseWidget, DeblockWidget]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    card = {
+        "tasks": ["sr", "denoise", "deblock"],
+        "scales": [2.0, 3.0, 4.0],
+        "training": {"recipe": {"sigma_range": [0.0, 55.0], "quality_range": [10, 40]}},
+    }
+    return str(weights.save_model(VDSR(depth=3, width=8), path, card))
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def on_note(notification):
+        got.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(on_note)
+    yield got
+    notification_manager.notification_ready.disconnect(on_note)
+
+
+def make_widget(viewer, cls, model_path: str):
+    w = cls(viewer)
+    viewer.window.add_dock_widget(w, name=cls.__name__)
+    w._model.value = _restore.FROM_FILE
+    w._model_file.value = model_path
+    return w
+
+
+def shown(widget) -> bool:
+    """Not explicitly hidden (``visible`` is False for every widget of an unshown test viewer)."""
+    return not widget.native.isHidden()
+
+
+def run_and_wait(widget, qtbot):
+    worker = widget.run()
+    assert worker is not None, "the widget refused to start"
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
+    return worker
+
+
+def world_centroid(layer, plane: tuple = ()) -> np.ndarray:
+    """Intensity centroid (above the median background) of one plane of a grey layer, in world coordinates."""
+    plane = tuple(plane) or (0,) * (layer.ndim - 2)
+    d = np.asarray(layer.data[plane], dtype=float)
+    d = np.clip(d - np.median(d), 0, None)
+    c = [(d * i).sum() / d.sum() for i in np.indices(d.shape)]
+    return np.asarray(layer.data_to_world((*plane, *c)))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.0, 1.5])
+def test_super_resolve_grey_overlays_input(make_napari_viewer, qtbot, tiny_model, notes, scale):
+    viewer = make_napari_viewer()
+    img = np.full((20, 24), 10, np.uint8)
+    img[6, 9] = 250
+    original = img.copy()
+    layer = viewer.add_image(
+        img, name="dot", scale=(0.5, 0.8), translate=(10.0, -3.0), colormap="magma",
+        contrast_limits=(5, 200), blending="additive", metadata={"kept": 1},
+    )
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._scale_w.value = scale
+    run_and_wait(w, qtbot)
+
+    assert len(viewer.layers) == 2, notes
+    out = viewer.layers[-1]
+    assert out.name == f"dot ×{scale:g} VDSR"
+    assert out.data.shape == (round(20 * scale), round(24 * scale))
+    assert out.data.dtype == np.uint8
+    # input untouched: same array object, same values
+    assert layer.data is img and np.array_equal(img, original)
+    # the outer corner of the field of view coincides ...
+    np.testing.assert_allclose(out.data_to_world((-0.5, -0.5)), layer.data_to_world((-0.5, -0.5)), atol=1e-9)
+    # ... and the bright dot lands on the same world coordinate (a half-pixel error would be >= 0.08 px)
+    dot_world = np.asarray(layer.data_to_world((6, 9)))
+    err_px = np.abs(world_centroid(out) - dot_world) / np.asarray(layer.scale)
+    assert np.all(err_px < 0.02), f"dot misplaced by {err_px} input pixels"
+    # display settings and metadata carried over
+    assert tuple(out.contrast_limits) == (5, 200)
+    assert out.colormap.name == "magma"
+    assert str(getattr(out.blending, "value", out.blending)) == "additive"
+    assert out.metadata["kept"] == 1
+    assert out.metadata["napari_vdsr"]["scale"] == scale
+    assert not any("error" in n.lower() for n in notes)
+
+
+@pytest.mark.parametrize("cls, suffix", [(DenoiseWidget, "denoised"), (DeblockWidget, "deblocked")])
+def test_denoise_and_deblock_keep_shape_dtype_and_place(make_napari_viewer, qtbot, tiny_model, cls, suffix):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    dtype = np.uint16 if cls is DenoiseWidget else np.uint8
+    img = rng.integers(0, 200, size=(18, 22)).astype(dtype)
+    original = img.copy()
+    layer = viewer.add_image(img, name="cells", scale=(2.0, 3.0), translate=(1.0, 4.0))
+    w = make_widget(viewer, cls, tiny_model)
+    run_and_wait(w, qtbot)
+
+    out = viewer.layers[-1]
+    assert out.name == f"cells {suffix} VDSR"
+    assert out.data.shape == img.shape
+    assert out.data.dtype == dtype
+    np.testing.assert_allclose(out.scale, layer.scale)
+    np.testing.assert_allclose(out.translate, layer.translate)
+    assert np.array_equal(layer.data, original)
+    np.testing.assert_allclose(tuple(out.contrast_limits), tuple(layer.contrast_limits))
+
+
+def test_hint_outside_training_range_warns(make_napari_viewer, qtbot, tiny_model, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="x")
+    w = make_widget(viewer, DenoiseWidget, tiny_model)
+    w._sigma.value = 80.0
+    run_and_wait(w, qtbot)
+    assert any("55" in n and "80" in n for n in notes), notes
+    assert viewer.layers[-1].metadata["napari_vdsr"]["noise_sigma"] == 80.0
+
+
+def test_overlay_holds_under_rotation_shear_and_affine():
+    import napari
+
+    from napari_vdsr._widgets._geometry import LayerSnapshot, output_layer_kwargs
+
+    c, s_ = np.cos(np.radians(20)), np.sin(np.radians(20))
+    rot = np.array([[1, 0, 0], [0, c, -s_], [0, s_, c]])  # in the Y/X plane, so slicing stays orthogonal
+    src = napari.layers.Image(
+        np.zeros((3, 10, 14), np.uint8), scale=(2.0, 0.5, 0.7), translate=(1.0, 5.0, -2.0),
+        rotate=rot, shear=(0.0, 0.0, 0.2), affine=np.diag([1.0, 1.3, 0.9, 1.0]),
+    )
+    for plane, f in [(None, (3.0, 2.5)), ((1,), (2.0, 2.0))]:
+        lead = 1 if plane else 3
+        out_shape = (lead, round(10 * f[0]), round(14 * f[1]))
+        kw = output_layer_kwargs(LayerSnapshot.of(src), out_shape, "out", lead_offset=plane)
+        out = napari.layers.Image(np.zeros(out_shape, np.uint8), **kw)
+        z = plane[0] if plane else 0
+        for corner in [(-0.5, -0.5), (9.5, 13.5), (-0.5, 13.5)]:
+            oc = (0, (corner[0] + 0.5) * f[0] - 0.5, (corner[1] + 0.5) * f[1] - 0.5)
+            np.testing.assert_allclose(out.data_to_world(oc), src.data_to_world((z, *corner)), atol=1e-9)
+
+
+# --------------------------------------------------------------------------- stacks and RGB
+
+
+def _stack_with_dot(dtype=np.uint8):
+    stack = np.full((4, 16, 20), 5, dtype)
+    stack[2, 7, 11] = 240
+    stack[0] = 60  # other planes differ, so picking the wrong plane would show
+    return stack
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_stack_current_plane_is_placed_at_that_plane(make_napari_viewer, qtbot, tiny_model, dtype):
+    viewer = make_napari_viewer()
+    stack = _stack_with_dot(dtype)
+    original = stack.copy()
+    layer = viewer.add_image(stack, name="stack", scale=(3.0, 0.5, 0.5), translate=(7.0, 0.0, 1.0))
+    viewer.dims.set_point(0, layer.data_to_world((2, 0, 0))[0])
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    assert shown(w._extent)
+    w._extent.value = _restore.CURRENT_PLANE
+    run_and_wait(w, qtbot)
+
+    out = viewer.layers[-1]
+    assert out.data.shape == (1, 32, 40)
+    assert out.data.dtype == dtype
+    assert out.metadata["napari_vdsr"]["plane"] == [2]
+    np.testing.assert_allclose(world_centroid(out), layer.data_to_world((2, 7, 11)), atol=0.02)
+    assert np.array_equal(stack, original)
+
+    # the same plane restored as part of the whole stack gives the same pixels
+    w._extent.value = _restore.WHOLE_STACK
+    run_and_wait(w, qtbot)
+    full = viewer.layers[-1]
+    assert full.data.shape == (4, 32, 40)
+    assert np.array_equal(full.data[2], out.data[0])
+
+
+def test_stack_whole(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    stack = _stack_with_dot()
+    layer = viewer.add_image(stack, name="stack", scale=(3.0, 0.5, 0.5), translate=(7.0, 0.0, 1.0))
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._extent.value = _restore.WHOLE_STACK
+    w._scale_w.value = 2.0
+    run_and_wait(w, qtbot)
+
+    out = viewer.layers[-1]
+    assert out.data.shape == (4, 32, 40)
+    assert out.scale[0] == layer.scale[0] and out.translate[0] == layer.translate[0]
+    # plane 0 was uniformly 60, plane 2 holds the dot: each output plane follows its own input plane
+    assert abs(float(out.data[0].mean()) - 60) < 3
+    assert np.unravel_index(np.argmax(out.data[2]), out.data[2].shape) in {(14, 22), (14, 23), (15, 22), (15, 23)}
+    np.testing.assert_allclose(world_centroid(out, (2,)), layer.data_to_world((2, 7, 11)), atol=0.02)
+
+
+def test_rgb_stays_rgb_and_keeps_colour(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    img = np.zeros((16, 20, 3), np.uint8)
+    img[:, :10] = (200, 30, 30)  # red half
+    img[:, 10:] = (30, 30, 200)  # blue half
+    original = img.copy()
+    layer = viewer.add_image(img, name="rgb", rgb=True)
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    assert not shown(w._extent)  # an RGB plane is not a stack
+    run_and_wait(w, qtbot)
+
+    out = viewer.layers[-1]
+    assert out.rgb
+    assert out.data.shape == (32, 40, 3) and out.data.dtype == np.uint8
+    r, g, b = (out.data[16, 5].astype(int))
+    assert r > 150 and g < 80 and b < 80, out.data[16, 5]
+    r, g, b = (out.data[16, 35].astype(int))
+    assert b > 150 and r < 80 and g < 80, out.data[16, 35]
+    assert np.array_equal(layer.data, original)
+
+
+# --------------------------------------------------------------------------- cancel and errors
+
+
+def test_cancel_mid_run_leaves_no_layer_and_no_worker(make_napari_viewer, qtbot, tiny_model, monkeypatch, notes):
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(1).integers(0, 255, size=(6, 24, 24)).astype(np.uint8)
+    viewer.add_image(stack, name="stack")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._extent.value = _restore.WHOLE_STACK
+
+    real = _restore.restore_iter
+    consumed = []
+    release = threading.Event()
+
+    def gated(*args, **kwargs):
+        gen = real(*args, **kwargs)
+
+        def events():
+            for ev in gen:
+                consumed.append(ev)
+                yield ev
+                if len(consumed) == 1:  # hold the worker until the test has pressed Cancel
+                    release.wait(10)
+
+        return events()
+
+    monkeypatch.setattr(_restore, "restore_iter", gated)
+
+    worker = w.run()
+    qtbot.waitUntil(lambda: len(consumed) == 1, timeout=WAIT_MS)  # the worker now waits after tile 1
+    # napari's progress bar follows the tiles (planes x tiles in all)
+    qtbot.waitUntil(lambda: w._progress is not None and w._progress.n == 1, timeout=WAIT_MS)
+    assert w._progress.total == consumed[0].total
+    w._cancel_btn.native.click()  # the Cancel button
+    # the abort request reaches the worker before it may go on (the worker is still held)
+    qtbot.waitUntil(lambda: worker.abort_requested, timeout=WAIT_MS)
+    release.set()
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+
+    assert release.is_set()
+    assert [layer.name for layer in viewer.layers] == ["stack"]
+    assert w.worker is None and not worker.is_running
+    total = consumed[0].total
+    assert total >= 6
+    assert len(consumed) <= 2, f"{len(consumed)} of {total} tiles ran after cancel"
+    assert any("cancelled" in n for n in notes), notes
+    assert w._run_btn.enabled and not w._cancel_btn.enabled
+
+
+def test_labels_layer_is_not_offered_and_gives_notification(make_napari_viewer, tiny_model, notes):
+    viewer = make_napari_viewer()
+    viewer.add_labels(np.zeros((16, 16), np.int32), name="seg")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    assert w._image.value is None and len(w._image.choices) == 0
+    assert w.run() is None
+    assert len(viewer.layers) == 1
+    assert any("not" in n and "image" in n for n in notes), notes
+    # a Labels layer forced in programmatically is refused too
+    w._image.choices = [viewer.layers["seg"]]
+    w._image.value = viewer.layers["seg"]
+    n_before = len(notes)
+    assert w.run() is None
+    assert len(notes) > n_before and "seg" in notes[-1]
+
+
+@pytest.mark.parametrize(
+    "data, expect",
+    [(np.full((1, 1), 7, np.uint8), "1x1"), (np.zeros((8, 8), bool), "boolean")],
+    ids=["one-pixel", "mask"],
+)
+def test_unusable_image_gives_notification(make_napari_viewer, qtbot, tiny_model, notes, data, expect):
+    viewer = make_napari_viewer()
+    viewer.add_image(data, name="bad")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w.run()  # the engine refuses in the worker; the message comes back as a notification
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+    assert len(viewer.layers) == 1
+    assert any(expect in n for n in notes), notes
+
+
+def test_missing_model_gives_notification(make_napari_viewer, monkeypatch, notes):
+    def no_default(task):
+        raise ModelError("no bundled model")
+
+    monkeypatch.setattr(_restore, "default_model_name", no_default)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="x")
+    w = SuperResolveWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w._model.value == _restore.DEFAULT
+    assert "not installed" in w._model.native.currentText()
+    assert w.run() is None
+    assert any("file…" in n for n in notes), notes
+    w._model.value = _restore.FROM_FILE  # no file chosen yet
+    assert w.run() is None
+    assert any("model file" in n for n in notes), notes
+    assert len(viewer.layers) == 1
+
+
+def test_registered_model_appears_and_runs(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    monkeypatch.setattr(weights, "_user_models", {})
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="x")
+    w = SuperResolveWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert "tiny-finetuned" not in w._model.choices
+    name = weights.register_model(tiny_model, name="tiny-finetuned")
+    refresh_model_choices()
+    assert name in w._model.choices
+    w._model.value = name
+    run_and_wait(w, qtbot)
+    assert viewer.layers[-1].metadata["napari_vdsr"]["model"] == name
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_all_widgets_open_together_from_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((8, 8), np.uint8))
+    found = []
+    for title in ("Super-resolve", "Denoise", "Remove compression artifacts"):
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-vdsr", title)
+        found.append(type(widget))
+    assert found == WIDGETS
+    assert len({id(v) for v in found}) == 3
