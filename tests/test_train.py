@@ -248,3 +248,28 @@ def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:
     card = json.loads((out / "best.json").read_text())
     assert card["training"]["processes"] == 2
     assert load_checkpoint(out)["step"] == 6
+
+
+@pytest.mark.slow
+def test_cli_sigint_stops_gracefully_and_saves(image_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2",
+           "--iterations", "100000", "--batch-size", "2", "--patch-size", "16", "--depth", "3", "--width", "8",
+           "--val-every", "5", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"kind": "val"' in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping after this step" in err
+    ck = load_checkpoint(out)
+    assert 0 < ck["step"] < 100000
+    assert json.loads(log.read_text().splitlines()[-1])["kind"] == "stopped"
+    assert (out / "best.safetensors").exists()

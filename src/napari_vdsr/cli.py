@@ -54,7 +54,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                         "(default 0.001 for sgd, off for adam); 0 disables")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in float32 (default: autocast bf16/fp16 on CUDA and bf16 on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="planes held out for validation")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
@@ -104,8 +105,31 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
 
 
 def _run_training(trainer, quiet: bool) -> int:
+    import signal
+    import threading
+
     from tqdm import tqdm
 
+    handlers = {}
+
+    def _graceful(signum, frame):  # first Ctrl-C / SIGTERM: stop after this step, checkpoint, export
+        if trainer.stopped:
+            raise KeyboardInterrupt
+        print(f"\nnapari-vdsr: {signal.Signals(signum).name}: stopping after this step and saving "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr)
+        trainer.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, _graceful)
+    try:
+        return _consume_training(trainer, quiet, tqdm)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def _consume_training(trainer, quiet: bool, tqdm) -> int:
     bar = None
     last_val = ""
     for ev in trainer.run():

@@ -6,7 +6,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "cpu_has_fast_bf16", "autocast_dtype"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -33,3 +33,34 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AMX or AVX512-BF16), where bf16 autocast
+    makes convolutions several times faster (measured ≈5x for VDSR training steps)."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, name, None)
+        if fn is not None:
+            try:
+                if fn():
+                    return True
+            except Exception:  # private API: be defensive
+                pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def autocast_dtype(device: torch.device, enabled: bool = True) -> "torch.dtype | None":
+    """Mixed-precision dtype for ``device``: bf16 on CUDA (fp16 where bf16 is missing) and on
+    CPUs with native bf16; ``None`` (float32) otherwise or when ``enabled`` is false."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None

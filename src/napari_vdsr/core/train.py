@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     clip_theta: Optional[float] = Field(0.01, gt=0, description="adjustable clipping: |g| <= theta / lr")
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool = Field(True, description="mixed precision on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16)")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     val_every: int = Field(250, ge=1)
     val_crop: int = Field(192, ge=16)
@@ -342,9 +342,11 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
         else:
             self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
-        self.amp_dtype = None
-        if cfg.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from .device import autocast_dtype
+
+        # mixed precision for the training steps (CUDA, and CPUs with native bf16);
+        # validation always runs in float32 so its PSNRs compare across runs and machines
+        self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.net = self.model
         if self.distributed:
@@ -418,9 +420,7 @@ class Trainer:
     @torch.no_grad()
     def _predict(self, model: torch.nn.Module, inp: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(inp)[None, None].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = model(t)
-        return out.float()[0, 0].cpu().numpy()
+        return model(t).float()[0, 0].cpu().numpy()
 
     def _validate(self, model: Optional[torch.nn.Module] = None) -> tuple[float, float, dict[str, float]]:
         """Mean PSNR (8-bit rounding, shaved border) of the model and of the degraded input."""
@@ -480,6 +480,7 @@ class Trainer:
                 "steps": self.step,
                 "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                 "processes": self.world,
+                "precision": f"autocast {self.amp_dtype}".replace("torch.", "") if self.amp_dtype else "float32",
                 "compute_hours": round(self.compute_seconds * self.world / 3600.0, 4),
                 "train_planes": self.n_train_planes,
                 "val_planes": self.n_val_planes,
