@@ -6,6 +6,7 @@ widgets; call it after registering a new model (e.g. after fine-tuning).
 
 from __future__ import annotations
 
+from ._finetune import FinetuneWidget
 from ._restore import (
     DeblockWidget,
     DenoiseWidget,
@@ -19,5 +20,6 @@ __all__ = [
     "SuperResolveWidget",
     "DenoiseWidget",
     "DeblockWidget",
+    "FinetuneWidget",
     "refresh_model_choices",
 ]

@@ -1,0 +1,313 @@
+"""GUI tests of the Fine-tune widget (training engine driven from napari).
+
+Like tests/test_widgets.py they need napari, a Qt binding and a display
+(pytest-xvfb starts Xvfb when the binary exists); otherwise the module is
+skipped with the reason.  A tiny random base model (depth 3, width 8) and small
+synthetic stacks keep each run to a second or two of CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari", reason="napari is not installed (pip install -e .[testing])")
+pytest.importorskip("qtpy", reason="no Qt binding (pip install -e .[testing])")
+if (
+    sys.platform.startswith("linux")
+    and not os.environ.get("DISPLAY")
+    and not os.environ.get("WAYLAND_DISPLAY")
+    and os.environ.get("QT_QPA_PLATFORM") not in ("offscreen", "minimal")
+    and shutil.which("Xvfb") is None
+):
+    pytest.skip("no display: set DISPLAY or install Xvfb (pytest-xvfb starts it)", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from napari_vdsr._widgets import FinetuneWidget, SuperResolveWidget  # noqa: E402
+from napari_vdsr._widgets import _finetune, _restore  # noqa: E402
+from napari_vdsr.core import weights  # noqa: E402
+from napari_vdsr.core.model import VDSR  # noqa: E402
+from napari_vdsr.core.synthetic import synthetic_cells  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 60_000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _private_registry(monkeypatch):
+    """Models registered by a test do not leak into other tests."""
+    monkeypatch.setattr(weights, "_user_models", {})
+
+
+def _tiny(path: Path, tasks: list[str]) -> str:
+    torch.manual_seed(0)
+    return str(weights.save_model(VDSR(depth=3, width=8), path, {"tasks": tasks, "scales": [2.0], "name": path.stem}))
+
+
+@pytest.fixture(scope="module")
+def sr_model(tmp_path_factory) -> str:
+    return _tiny(tmp_path_factory.mktemp("models") / "tiny-sr.safetensors", ["sr"])
+
+
+@pytest.fixture(scope="module")
+def denoise_model(tmp_path_factory) -> str:
+    return _tiny(tmp_path_factory.mktemp("models") / "tiny-dn.safetensors", ["denoise"])
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def on_note(notification):
+        got.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(on_note)
+    yield got
+    notification_manager.notification_ready.disconnect(on_note)
+
+
+def make_widget(viewer, base_model: str, out: Path, task: str = "sr", **values) -> FinetuneWidget:
+    w = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Fine-tune")
+    w._task.value = task
+    w._base.value = _restore.FROM_FILE
+    w._base_file.value = base_model
+    w._out_dir.value = str(out)
+    w._device.value = "cpu"
+    settings = dict(steps=6, batch=4, patch=16, val_every=3, lr="1e-3")
+    settings.update(values)
+    for key, val in settings.items():
+        getattr(w, f"_{key}").value = val
+    return w
+
+
+def shown(widget) -> bool:
+    """Not explicitly hidden (``visible`` is False for every widget of an unshown test viewer)."""
+    return not widget.native.isHidden()
+
+
+def run_and_wait(w: FinetuneWidget, qtbot):
+    worker = w.run()
+    assert worker is not None, "the widget refused to start"
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+    return worker
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_tiny_run_plots_saves_registers(make_napari_viewer, qtbot, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    stack = synthetic_cells((4, 48, 48), seed=1)
+    original = stack.copy()
+    layer = viewer.add_image(stack, name="cells")
+    restore = SuperResolveWidget(viewer)
+    viewer.window.add_dock_widget(restore, name="Super-resolve")
+    w = make_widget(viewer, sr_model, tmp_path, steps=12, val_every=4, theta=0.01, name="my-cells")
+    assert w._images.value == [layer]  # the active layer is preselected
+    assert "4 plane(s)" in w._info.value
+    run_and_wait(w, qtbot)
+
+    # the live plot received every point
+    c = w.curves
+    assert c.step == list(range(1, 13))
+    assert len(c.loss) == 12 and all(np.isfinite(c.loss))
+    assert c.val_step == [4, 8, 12]
+    assert c.base_model_psnr is not None and c.baseline_psnr is not None
+    if w.plot_lines:  # matplotlib installed: the lines hold the same series
+        np.testing.assert_array_equal(w.plot_lines["loss"].get_xdata(), c.step)
+        np.testing.assert_allclose(w.plot_lines["loss"].get_ydata(), c.loss)
+        np.testing.assert_array_equal(w.plot_lines["finetuned"].get_xdata(), [0, 4, 8, 12])
+        np.testing.assert_allclose(w.plot_lines["finetuned"].get_ydata(), [c.base_model_psnr, *c.val_psnr])
+        assert w.plot_lines["base_model"].get_ydata()[0] == pytest.approx(c.base_model_psnr)
+    assert w._progress.value == 12 and w._progress.max == 12
+
+    # saved, loadable, with its recipe; registered and listed in the restore widget
+    assert w.registered_name == "my-cells"
+    assert w.model_path == tmp_path / "my-cells" / "best.safetensors"
+    model, card = weights.load_model(w.model_path, task="sr")
+    assert (model.depth, model.width) == (3, 8)
+    assert card["finetuned_from"]["path"] == sr_model
+    assert card["training"]["recipe"]["clip_theta"] == 0.01
+    assert card["training"]["recipe"]["iterations"] == 12
+    assert card["metrics"]["validation"]["base_model_psnr"] == pytest.approx(c.base_model_psnr)
+    assert "my-cells" in restore._model.choices
+    assert "my-cells" in w._base.choices  # also usable as the next base model
+    assert any("vs base model" in n and "my-cells" in n for n in notes), notes
+    assert not any("error" in n.lower() for n in notes), notes
+    # controls back, input untouched
+    assert w._run_btn.enabled and not w._stop_btn.enabled and w._steps.enabled
+    assert layer.data is stack and np.array_equal(stack, original)
+
+
+def test_stop_keeps_best_model(make_napari_viewer, qtbot, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((3, 40, 40), seed=2), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=100_000, val_every=3, name="stopped")
+    w.run()
+    qtbot.waitUntil(lambda: len(w.curves.val_step) >= 2, timeout=WAIT_MS)
+    w.stop()
+    assert not w._stop_btn.enabled
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+
+    assert w.curves.step[-1] < 100_000
+    best = tmp_path / "stopped" / "best.safetensors"
+    assert best.is_file() and w.model_path == best
+    _, card = weights.load_model(best, task="sr")
+    assert card["metrics"]["validation"]["psnr"] == pytest.approx(max(w.curves.val_psnr))
+    assert w.registered_name == "stopped"
+    assert any("stopped at step" in n for n in notes), notes
+    assert w._run_btn.enabled
+
+
+def test_paired_denoise(make_napari_viewer, qtbot, denoise_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    clean = synthetic_cells((3, 40, 40), seed=3, photons=None, dtype=np.float32)
+    noisy = (clean + np.random.default_rng(0).normal(0, 0.1, clean.shape)).astype(np.float32)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    w = make_widget(viewer, denoise_model, tmp_path, task="denoise", steps=6, val_every=3, val_fraction=0.34)
+    w._mode.value = _finetune.PAIRED
+    w._degraded.value = viewer.layers["noisy"]
+    w._clean.value = viewer.layers["clean"]
+    assert shown(w._degraded) and not shown(w._images) and not shown(w._sigma)
+    run_and_wait(w, qtbot)
+
+    assert w.registered_name == "clean-denoise-finetuned", notes
+    assert w.curves.val_step == [3, 6]
+    assert "vs input" in w._readout.value  # paired: the baseline is the degraded layer, not bicubic
+    _, card = weights.load_model(w.model_path, task="denoise")
+    assert card["training"]["val_planes"] == 1 and card["training"]["train_planes"] == 2
+    assert w.model_path.parent.parent == tmp_path
+
+
+def test_second_run_gets_its_own_folder(make_napari_viewer, qtbot, sr_model, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40), seed=4), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=2, val_every=2, name="run")
+    run_and_wait(w, qtbot)
+    first = w.model_path
+    run_and_wait(w, qtbot)
+    assert first != w.model_path and first.is_file() and w.model_path.is_file()
+    assert w.registered_name == "run-2"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_layer_smaller_than_patch(make_napari_viewer, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((3, 20, 20), np.uint16), name="tiny layer")
+    w = make_widget(viewer, sr_model, tmp_path, patch=24)
+    assert w.run() is None
+    assert any("'tiny layer'" in n and "smaller than one training patch" in n for n in notes), notes
+    assert not tmp_path.joinpath("tiny-layer-sr-finetuned").exists()
+
+
+def test_mismatched_pair(make_napari_viewer, qtbot, denoise_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 40, 50), np.uint8), name="degraded")
+    viewer.add_image(np.zeros((2, 48, 48), np.uint8), name="clean")
+    w = make_widget(viewer, denoise_model, tmp_path, task="denoise")
+    w._mode.value = _finetune.PAIRED
+    w._degraded.value = viewer.layers["degraded"]
+    w._clean.value = viewer.layers["clean"]
+    run_and_wait(w, qtbot)
+    assert any("differ in size" in n for n in notes), notes
+    assert w.registered_name is None and w.model_path is None
+    assert weights.list_models("denoise") == [e for e in weights.list_models("denoise") if e.bundled]
+    assert w._run_btn.enabled and w._mode.enabled and not w._stop_btn.enabled
+
+
+def test_base_model_for_another_task(make_napari_viewer, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40)), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, task="deblock")
+    assert shown(w._quality) and not shown(w._scales)
+    w._base.value = _restore.FROM_FILE  # the task change reset the base model list
+    w._base_file.value = sr_model
+    assert w.run() is None
+    assert any("not JPEG artifact removal" in n for n in notes), notes
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("lr", "fast", "learning rate"), ("scales", "2, x", "SR scale"), ("scales", "20", "between 1 and 16")],
+)
+def test_bad_settings(make_napari_viewer, sr_model, tmp_path, notes, field, value, message):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40)), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path)
+    getattr(w, f"_{field}").value = value
+    assert w.run() is None
+    assert any(message in n for n in notes), notes
+
+
+def test_no_layer(make_napari_viewer, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    w = make_widget(viewer, sr_model, tmp_path)
+    assert w.run() is None
+    assert any("no clean image layer" in n for n in notes), notes
+
+
+# --------------------------------------------------------------------------- controls
+
+
+def test_optimizer_switch_suggests_lr_and_theta(make_napari_viewer):
+    w = FinetuneWidget(make_napari_viewer())
+    assert w._optimizer.value == "adam" and w._theta.value == 0
+    assert "θ/γ" in w._theta.tooltip and "learning rate" in w._theta.tooltip
+    w._optimizer.value = "sgd"
+    assert float(w._lr.value) == 0.1 and w._theta.value == pytest.approx(0.001)
+    w._lr.value = "0.02"  # a user's choice is kept
+    w._optimizer.value = "adam"
+    assert float(w._lr.value) == 0.02 and w._theta.value == 0
+
+
+def test_without_matplotlib_text_readout(make_napari_viewer, qtbot, sr_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_qtagg", None)  # import fails
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40), seed=5), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=3, val_every=3)
+    assert w.plot_lines == {} and w._plot_box.native.isHidden()
+    run_and_wait(w, qtbot)
+    assert w.curves.val_step == [3]
+    assert "held-out PSNR" in w._readout.value and "vs base model" in w._readout.value
+
+
+def test_opens_from_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vdsr", "Fine-tune")
+    assert isinstance(widget, FinetuneWidget)
+    assert widget._base.value == _restore.DEFAULT
+
+
+def test_widget_deleted_while_training_stops_and_registers(make_napari_viewer, qtbot, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((3, 40, 40), seed=6), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=100_000, val_every=3, name="orphan")
+    w.run()
+    qtbot.waitUntil(lambda: len(w.curves.val_step) >= 1, timeout=WAIT_MS)
+    w.native.destroyed.emit()  # what Qt sends when the viewer closes with the dock
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+    assert w.registered_name == "orphan"
+    assert (tmp_path / "orphan" / "best.safetensors").is_file()
+    assert any("stopped at step" in n for n in notes), notes
