@@ -65,6 +65,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--from", dest="init_from", metavar="MODEL", default=None,
                    help="start from this model (name, file or run dir)" + ("; default: the bundled model for the task" if finetune else ""))
+    if not finetune:
+        p.add_argument("--transfer", action="store_true",
+                       help="with --from: start from a model made for another task (e.g. SR weights for denoising)")
     p.add_argument("--start-step", type=int, default=0,
                    help="with --from: continue that run's step count and lr schedule (see docs/training.md)")
     p.add_argument("--name", default=None, help="model name written in its card")
@@ -100,7 +103,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         name=a.name or Path(a.out).name,
     )
     if not finetune:
-        kw.update(depth=a.depth, width=a.width)
+        kw.update(depth=a.depth, width=a.width, transfer=a.transfer)
     return TrainConfig(**kw)
 
 

@@ -76,6 +76,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: Optional[int] = Field(None, ge=1)
     out: Optional[str] = None
     init_from: Optional[str] = None
+    transfer: bool = Field(False, description="allow init_from to be a model made for another task")
     start_step: int = Field(0, ge=0, description="continue the step count (and lr schedule) of init_from's run")
     name: str = "vdsr"
 
@@ -318,12 +319,13 @@ class Trainer:
             from .weights import load_model
 
             base, self.base_card = load_model(cfg.init_from, task=None)
-            if cfg.task not in self.base_card.get("tasks", []):
+            if cfg.task not in self.base_card.get("tasks", []) and not cfg.transfer:
                 from .weights import TASK_LABELS
 
                 raise TrainingError(
                     f"the base model {Path(self.base_card['path']).name} serves {self.base_card.get('tasks')}, not "
-                    f"{TASK_LABELS[cfg.task]}; start from a {cfg.task} model or from scratch."
+                    f"{TASK_LABELS[cfg.task]}; start from a {cfg.task} model, from scratch, or pass --transfer to "
+                    "train it for the new task on purpose."
                 )
             if (base.depth, base.width) != (cfg.depth, cfg.width):
                 cfg.depth, cfg.width = base.depth, base.width
