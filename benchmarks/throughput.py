@@ -1,26 +1,36 @@
-"""Throughput of napari_vdsr.core.restore() against the sgemm roofline of this machine.
+"""Throughput of napari_vdsr.core.restore() against the sgemm roofline, tiled vs untiled vs a plain forward.
 
-Prints, all measured in the same run:
+Prints, all measured in the same run (each variant in its own child process, so that
+its peak RSS is its own):
 
 * output Mpx/s of ``restore()`` (super-resolution of a grey ``--size`` x ``--size`` uint8
-  image by ``--scale``, tiled with ``--tile``);
-* sgemm GFLOP/s (``torch.mm`` of two large square float32 matrices);
-* the ratio to the roofline: throughput x 1.329 MFLOP/px / sgemm FLOP/s (1.0 = the
-  network runs as fast as a plain matrix product would allow);
-* tiled / untiled time ratio (the cost of the halo);
-* peak RSS after the tiled run and after the untiled run.
+  image by ``--scale``) for every tile size in ``--tiles`` and untiled;
+* the same image through a *plain whole-image forward* of the same network -- the
+  usual reimplementation style: ``F.interpolate`` bicubic to the target size, then one
+  ``model(x)`` on the full float32 tensor under ``torch.no_grad()`` -- for a side-by-side
+  ratio (> 1 = restore() is faster);
+* sgemm GFLOP/s (``torch.mm`` of two ``--gemm-size`` float32 matrices), before and after
+  the runs (a large change means the machine was busy);
+* the ratio to the roofline: throughput x FLOP/px / sgemm FLOP/s (1.0 = the network
+  runs as fast as a plain matrix product would allow);
+* tiled / untiled time ratio and the halo work ratio sum(tile crops) / output pixels;
+* peak RSS of each variant's process (it includes the Python + torch baseline,
+  measured alone as ``baseline``).
 
 Example::
 
-    python benchmarks/throughput.py --size 1024 --scale 2 --tile 512
-    python benchmarks/throughput.py --size 128 --repeat 1        # quick smoke run
+    python benchmarks/throughput.py --size 1024 --scale 2 --tiles 512 768 1024
+    python benchmarks/throughput.py --size 128 --repeat 1 --tiles 64     # quick smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 
@@ -34,95 +44,220 @@ def peak_rss_mib() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def sgemm_gflops(n: int, repeat: int, device: torch.device) -> float:
-    a = torch.rand(n, n, device=device)
-    b = torch.rand(n, n, device=device)
+def sgemm_gflops(n: int, repeat: int, device: torch.device, clock=time.perf_counter,
+                 dtype: torch.dtype = torch.float32) -> float:
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeat):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2.0 * n**3 / best / 1e9
 
 
-def time_restore(img, model, scale, tile, device, repeat: int) -> float:
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def halo_work_ratio(out_hw: tuple[int, int], tile: int, halo: int) -> float:
+    """Pixels the net processes with halo tiling / output pixels (1.0 = no overhead)."""
+    from napari_vdsr.core.tiling import tile_boxes
+
+    h, w = out_hw
+    work = 0
+    for y0, y1, x0, x1 in tile_boxes((h, w), tile):
+        work += (min(h, y1 + halo) - max(0, y0 - halo)) * (min(w, x1 + halo) - max(0, x0 - halo))
+    return work / (h * w)
+
+
+# --------------------------------------------------------------------------- child process
+
+
+def _model(spec: str | None):
+    from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.weights import load_model
+
+    if spec:
+        net, _ = load_model(spec, task="sr")
+        return net.eval()
+    torch.manual_seed(0)
+    return VDSR().eval()
+
+
+def child(cfg: dict) -> dict:
+    """Run one variant; returns its best time and peak RSS."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    from napari_vdsr.core.device import resolve_device
     from napari_vdsr.core.restore import restore
 
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        restore(img, task="sr", scale=scale, model=model, tile=tile, device=device)
-        if torch.device(device).type == "cuda":
+    dev = resolve_device(cfg["device"])
+    img = np.random.default_rng(0).integers(0, 256, (cfg["size"], cfg["size"]), dtype=np.uint8)
+    oh = ow = int(round(cfg["size"] * cfg["scale"]))
+    if cfg["mode"] == "baseline":
+        _model(cfg["model"])
+        return {"seconds": 0.0, "rss_mib": peak_rss_mib()}
+    net = _model(cfg["model"])
+
+    def sync():
+        if dev.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+    if cfg["mode"] == "plain":
+        net = net.to(dev)
+
+        def once():
+            x = torch.from_numpy(img.astype(np.float32) / 255.0)[None, None].to(dev)
+            with torch.no_grad():
+                x = torch.nn.functional.interpolate(x, size=(oh, ow), mode="bicubic", align_corners=False,
+                                                    antialias=True)
+                y = net(x)
+            out = (y[0, 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+            sync()
+            return out
+    else:
+        tile = cfg["tile"] if cfg["mode"] == "tiled" else max(oh, ow) + 1
+
+        def once():
+            out = restore(img, task="sr", scale=cfg["scale"], model=net, tile=tile, device=dev)
+            sync()
+            return out
+
+    # warm-up on a small crop (first-call allocations, oneDNN kernel selection)
+    small = img[: min(cfg["size"], 64), : min(cfg["size"], 64)]
+    restore(small, task="sr", scale=cfg["scale"], model=net, tile=512, device=dev)
+    best_wall = best_cpu = float("inf")
+    for _ in range(cfg["repeat"]):
+        t0, c0 = time.perf_counter(), time.process_time()
+        once()
+        best_wall = min(best_wall, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    seconds = best_cpu if cfg.get("clock") == "cpu" else best_wall
+    return {"seconds": seconds, "wall_s": best_wall, "cpu_s": best_cpu, "rss_mib": peak_rss_mib()}
+
+
+def run_child(cfg: dict) -> dict:
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {cfg['mode']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     from napari_vdsr.core.device import resolve_device
-    from napari_vdsr.core.model import FLOPS_PER_PIXEL, VDSR
-    from napari_vdsr.core.weights import load_model
+    from napari_vdsr.core.model import FLOPS_PER_PIXEL
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024, help="input side in pixels (default 1024)")
     ap.add_argument("--scale", type=float, default=2.0, help="SR factor (default 2: 1024² → 2048²)")
-    ap.add_argument("--tile", type=int, default=512, help="tile size of the tiled run (default 512)")
+    ap.add_argument("--tiles", type=int, nargs="+", default=[512], help="tile sizes of the tiled runs (default 512)")
+    ap.add_argument("--tile", type=int, default=None, help=argparse.SUPPRESS)  # old single-tile spelling
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--model", default=None, help="model name/file (default: a randomly initialised 20-layer VDSR)")
     ap.add_argument("--repeat", type=int, default=2, help="timed repetitions; the best is reported (default 2)")
     ap.add_argument("--gemm-size", type=int, default=2048, help="side of the sgemm matrices (default 2048)")
-    ap.add_argument("--no-untiled", action="store_true", help="skip the untiled run (it needs ~1 KiB per output px)")
+    ap.add_argument("--no-untiled", action="store_true", help="skip the untiled restore() run")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain whole-image forward")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time to report: wall (default) or process CPU time -- with --threads 1 the CPU time "
+                         "is the fairer figure on a machine that other jobs keep busy")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
+    tiles = [a.tile] if a.tile else a.tiles
     dev = resolve_device(a.device)
-    if a.model:
-        net, card = load_model(a.model, task="sr")
-        model = (net, card)
-    else:
-        torch.manual_seed(0)
-        net = VDSR().eval()
-        model = net
+    net = _model(a.model)
     flops_px = net.flops_per_pixel() if hasattr(net, "flops_per_pixel") else FLOPS_PER_PIXEL
-
-    img = np.random.default_rng(0).integers(0, 256, (a.size, a.size), dtype=np.uint8)
     oh = ow = int(round(a.size * a.scale))
     out_px = oh * ow
-    print(f"machine: {platform.machine()} {platform.processor() or ''}; torch {torch.__version__}; "
-          f"device {dev}; threads {torch.get_num_threads()}", flush=True)
-    print(f"image: {a.size}x{a.size} uint8 → x{a.scale:g} → {oh}x{ow}; tile {a.tile}; "
-          f"net depth {net.depth} width {net.width} ({flops_px / 1e6:.3f} MFLOP/px)", flush=True)
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    print(f"machine: {cpu_name()} ({os.cpu_count()} CPUs); torch {torch.__version__}; device {dev}; "
+          f"threads {torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    print(f"image: {a.size}x{a.size} uint8 → x{a.scale:g} → {oh}x{ow}; net depth {net.depth} width {net.width} "
+          f"({flops_px / 1e6:.3f} MFLOP/px)", flush=True)
 
-    # warm-up (first-call allocations, oneDNN kernel selection)
-    time_restore(img[: min(a.size, 64), : min(a.size, 64)], model, a.scale, a.tile, dev, 1)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    gflops = sgemm_gflops(a.gemm_size, 3, dev, clock)
+    limit = gflops * 1e9 / flops_px / 1e6
+    print(f"sgemm {a.gemm_size}x{a.gemm_size}: {gflops:.1f} GFLOP/s → roofline {limit:.4f} Mpx/s "
+          f"({a.clock} clock)", flush=True)
 
-    gflops = sgemm_gflops(a.gemm_size, 3, dev)
-    print(f"sgemm {a.gemm_size}x{a.gemm_size}: {gflops:.1f} GFLOP/s", flush=True)
+    if dev.type == "cuda":  # restore() autocasts to bfloat16 on CUDA: the bf16 matmul rate is the roofline
+        bf16 = sgemm_gflops(a.gemm_size * 2, 3, dev, clock, torch.bfloat16)
+        print(f"bf16 gemm {a.gemm_size * 2}²: {bf16:.1f} GFLOP/s on {torch.cuda.get_device_name(dev)} "
+              f"→ bf16 roofline {bf16 * 1e9 / flops_px / 1e6:.4f} Mpx/s (the ratios below use it)", flush=True)
+        gflops, limit = bf16, bf16 * 1e9 / flops_px / 1e6
+    base = {"size": a.size, "scale": a.scale, "device": a.device, "threads": a.threads, "model": a.model,
+            "repeat": a.repeat, "clock": a.clock}
+    results: dict[str, dict] = {"baseline": run_child({**base, "mode": "baseline"})}
+    print(f"baseline (python + torch + model, no work): peak RSS {results['baseline']['rss_mib']:.0f} MiB",
+          flush=True)
 
-    t_tiled = time_restore(img, model, a.scale, a.tile, dev, a.repeat)
-    rss_tiled = peak_rss_mib()
-    mpx = out_px / t_tiled / 1e6
-    roofline = mpx * 1e6 * flops_px / (gflops * 1e9)
-    print(f"tiled:   {t_tiled:.2f} s  {mpx:.4f} Mpx/s (output)  roofline ratio {roofline:.3f}  "
-          f"(limit {gflops * 1e9 / flops_px / 1e6:.4f} Mpx/s)  peak RSS {rss_tiled:.0f} MiB", flush=True)
+    def report(name: str, r: dict, extra: str = "") -> None:
+        mpx = out_px / r["seconds"] / 1e6
+        r["mpx_s"], r["roofline"] = mpx, mpx / limit
+        print(f"{name:<13} {r['seconds']:8.2f} s ({a.clock}; wall {r['wall_s']:.2f} s)  {mpx:.4f} Mpx/s  "
+              f"roofline {mpx / limit:.3f}  peak RSS {r['rss_mib']:6.0f} MiB{extra}", flush=True)
 
+    for t in tiles:
+        r = run_child({**base, "mode": "tiled", "tile": t})
+        r["halo_work"] = halo_work_ratio((oh, ow), t, net.depth)
+        results[f"tile {t}"] = r
+        report(f"tile {t}", r, f"  halo work ratio {r['halo_work']:.3f}")
     if not a.no_untiled:
-        t_un = time_restore(img, model, a.scale, max(oh, ow) + 1, dev, a.repeat)
-        rss_un = peak_rss_mib()
-        mpx_un = out_px / t_un / 1e6
-        print(f"untiled: {t_un:.2f} s  {mpx_un:.4f} Mpx/s  roofline ratio "
-              f"{mpx_un * 1e6 * flops_px / (gflops * 1e9):.3f}  peak RSS {rss_un:.0f} MiB", flush=True)
-        print(f"tiled/untiled time ratio: {t_tiled / t_un:.3f}", flush=True)
-    gflops_after = sgemm_gflops(a.gemm_size, 3, dev)
-    print(f"sgemm again after the runs: {gflops_after:.1f} GFLOP/s "
-          f"(a large change means the machine was busy)", flush=True)
+        results["untiled"] = run_child({**base, "mode": "untiled"})
+        report("untiled", results["untiled"])
+    if not a.no_plain:
+        results["plain"] = run_child({**base, "mode": "plain"})
+        report("plain forward", results["plain"])
+    for t in tiles:
+        r = results[f"tile {t}"]
+        line = f"tile {t}:"
+        if "untiled" in results:
+            r["tiled_untiled"] = r["seconds"] / results["untiled"]["seconds"]
+            line += f" tiled/untiled time {r['tiled_untiled']:.3f};"
+        if "plain" in results:
+            r["speedup_vs_plain"] = results["plain"]["seconds"] / r["seconds"]
+            line += f" plain/restore time {r['speedup_vs_plain']:.3f} (> 1: restore is faster)"
+        if line.endswith(":"):
+            continue
+        print(line, flush=True)
+    gflops_after = sgemm_gflops(a.gemm_size, 3, dev, clock)
+    print(f"sgemm again after the runs: {gflops_after:.1f} GFLOP/s (a large change means the machine was busy)",
+          flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"cpu": cpu_name(), "load": load, "clock": a.clock, "threads": torch.get_num_threads(),
+                       "sgemm_gflops": [gflops, gflops_after], "size": a.size, "scale": a.scale,
+                       "results": results}, f, indent=2)
     return 0
 
 

@@ -392,3 +392,22 @@ def test_model_not_mutated():
     assert net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_bf16_on_cpu_only_where_native_and_close_to_float32():
+    import torch
+
+    from napari_vdsr.core.device import cpu_has_fast_bf16
+    from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.restore import restore
+    from napari_vdsr.core.tiling import _amp_dtype
+
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else None
+    assert _amp_dtype(torch.device("cpu"), True) is expected
+    torch.manual_seed(0)
+    net = VDSR(depth=4, width=8)
+    img = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
+    ref = restore(img, task="sr", scale=2, model=net, amp=False, device="cpu")
+    fast = restore(img, task="sr", scale=2, model=net, amp=True, device="cpu")
+    assert fast.dtype == np.uint8 and fast.shape == ref.shape
+    assert np.abs(fast.astype(int) - ref.astype(int)).max() <= 3

@@ -10,11 +10,14 @@ __version__ = "0.1.0"
 
 from .core.errors import InputError, ModelError, TrainingError, VDSRError
 from .core.model import VDSR
+from .core.restore import restore, restore_iter
 from .core.train import TrainConfig, TrainEvent, Trainer, train
 from .core.weights import list_models, load_model, register_model, save_model
 
 __all__ = [
     "VDSR",
+    "restore",
+    "restore_iter",
     "TrainConfig",
     "TrainEvent",
     "Trainer",

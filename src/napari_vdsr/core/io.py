@@ -1,23 +1,261 @@
-"""Reading and writing image files (TIFF via tifffile, PNG/JPG via Pillow, .npy)."""
+"""Reading and writing image files: TIFF / OME-TIFF (tifffile), PNG/JPG (Pillow), ``.npy``, zarr.
+
+Two ways in:
+
+* :func:`read_image` reads a whole file into a numpy array (training data, small images);
+* :func:`open_image` opens it *lazily* as an :class:`ImageSource`: an array-like whose
+  regions are read on demand (uncompressed TIFF and ``.npy`` through :class:`RawArray`,
+  compressed or tiled TIFF through tifffile's zarr interface, zarr stores directly),
+  plus the axes and physical pixel sizes found in the file.  Only PNG/JPG/BMP files
+  are read whole (they are small by nature).
+
+:class:`RawArray` reads and writes regions of a C-order array stored raw in a file
+with ``pread``/``pwrite`` -- no memory mapping, so the resident memory of a process
+that streams a large file through it stays bounded.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "read_image", "write_image", "expand_inputs"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "COMPOUND_SUFFIXES",
+    "read_image",
+    "write_image",
+    "expand_inputs",
+    "split_suffix",
+    "is_zarr",
+    "RawArray",
+    "create_npy",
+    "ImageSource",
+    "open_image",
+]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".zarr"}
+#: Suffixes of two parts that name one format (the output keeps them whole).
+COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")
+
+
+def split_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """``("name", ".ome.tif")`` for ``name.ome.tif``; ``("name", ".png")`` for ``name.png``."""
+    name = Path(path).name
+    low = name.lower()
+    for suf in COMPOUND_SUFFIXES:
+        if low.endswith(suf) and len(name) > len(suf):
+            return name[: -len(suf)], name[-len(suf) :]
+    p = Path(name)
+    return p.stem, p.suffix
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """True for a directory that is a zarr store (v2 or v3, array or group)."""
+    p = Path(path)
+    return p.is_dir() and any((p / m).is_file() for m in ("zarr.json", ".zarray", ".zgroup"))
+
+
+# --------------------------------------------------------------------------- raw arrays
+
+
+class RawArray:
+    """A C-order array stored raw at ``offset`` in a file; regions are read and written on demand.
+
+    Supports ``shape``, ``dtype``, ``ndim`` and indexing with integers and step-1
+    slices (``a[2, 10:20, :]``), for reading and (``mode="r+"``) writing.  Each access
+    reads or writes the contiguous runs it covers with ``os.pread``/``os.pwrite``.
+    The file's byte order is converted to the native one on reading.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    offset : int
+        Byte offset of the first element.
+    shape : tuple of int
+    dtype : numpy dtype
+        As stored (may be big-endian).
+    mode : {"r", "r+"}
+    """
+
+    def __init__(self, path: str | os.PathLike, offset: int, shape: Sequence[int], dtype: Any, mode: str = "r") -> None:
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.shape = tuple(int(s) for s in shape)
+        self.file_dtype = np.dtype(dtype)
+        self.dtype = self.file_dtype.newbyteorder("=")
+        self.mode = mode
+        self._fd: Optional[int] = os.open(self.path, os.O_RDONLY if mode == "r" else os.O_RDWR)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # noqa: D105
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> "RawArray":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self[tuple(slice(None) for _ in self.shape)]
+        return a if dtype is None else a.astype(dtype)
+
+    def _ranges(self, key: Any) -> tuple[list[tuple[int, int]], list[bool]]:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if len(key) != self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-D array")
+        ranges, keep = [], []
+        for k, n in zip(key, self.shape):
+            if isinstance(k, slice):
+                a, b, step = k.indices(n)
+                if step != 1:
+                    raise IndexError("RawArray supports slices with step 1 only")
+                ranges.append((a, max(a, b)))
+                keep.append(True)
+            else:
+                i = int(k)
+                if i < 0:
+                    i += n
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+                ranges.append((i, i + 1))
+                keep.append(False)
+        return ranges, keep
+
+    def _runs(self, ranges: list[tuple[int, int]]):
+        """Yield (position in the selection, byte offset, byte count) of contiguous runs."""
+        shape = self.shape
+        # trailing axes selected whole join the run of the last partially selected axis
+        k = self.ndim - 1
+        while k > 0 and ranges[k] == (0, shape[k]):
+            k -= 1
+        run_elems = (ranges[k][1] - ranges[k][0]) * int(np.prod(shape[k + 1 :], dtype=np.int64))
+        strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(self.ndim)]
+        isz = self.file_dtype.itemsize
+        outer = [range(a, b) for a, b in ranges[:k]]
+        for n, idx in enumerate(np.ndindex(*[len(r) for r in outer]) if outer else [()]):
+            flat = sum((outer[i][j]) * strides[i] for i, j in enumerate(idx)) + ranges[k][0] * strides[k]
+            yield n, self.offset + flat * isz, run_elems * isz
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the file is closed")
+        ranges, keep = self._ranges(key)
+        sel_shape = [b - a for a, b in ranges]
+        out = np.empty(sel_shape, dtype=self.file_dtype)
+        if out.size:
+            buf = out.reshape(-1).view(np.uint8)
+            pos = 0
+            for _, off, nbytes in self._runs(ranges):
+                if _pread_into(self._fd, buf[pos : pos + nbytes], off) != nbytes:
+                    raise InputError(f"{self.path}: the file is truncated (expected {nbytes} bytes at {off}).")
+                pos += nbytes
+        out = out.reshape([s for s, kp in zip(sel_shape, keep) if kp])
+        return out.astype(self.dtype, copy=False) if self.file_dtype != self.dtype else out
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self.mode == "r":
+            raise ValueError(f"{self.path} was opened read-only")
+        ranges, keep = self._ranges(key)
+        sel_shape = [b - a for a, b in ranges]
+        val = np.asarray(value, dtype=self.file_dtype)
+        val = np.ascontiguousarray(np.broadcast_to(val.reshape([s for s, kp in zip(sel_shape, keep) if kp])
+                                                   if val.ndim else val, [s for s, kp in zip(sel_shape, keep) if kp]))
+        buf = val.reshape(-1).view(np.uint8)
+        pos = 0
+        for _, off, nbytes in self._runs(ranges):
+            os.pwrite(self._fd, buf[pos : pos + nbytes].tobytes(), off)
+            pos += nbytes
+
+
+def _pread_into(fd: int, buf: np.ndarray, off: int) -> int:
+    """Fill the uint8 array ``buf`` from ``off``; returns the bytes read (fewer only at the end of the file)."""
+    done, n = 0, len(buf)
+    while done < n:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [memoryview(buf[done:])], off + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, n - done, off + done)
+            got = len(data)
+            buf[done : done + got] = np.frombuffer(data, np.uint8)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def create_npy(path: str | os.PathLike, shape: Sequence[int], dtype: Any) -> RawArray:
+    """Create a ``.npy`` file of ``shape`` and ``dtype`` (zeros, sparse on disk) and open it for writing."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(dtype)
+    with open(p, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        )
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    return RawArray(p, offset, shape, dtype, mode="r+")
+
+
+def _open_npy(p: Path) -> Any:
+    with open(p, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (
+            np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+        )
+        offset = f.tell()
+    if dtype.hasobject:
+        raise InputError(f"{p}: .npy files of Python objects are not images; save a numeric array.")
+    if fortran:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    size = os.path.getsize(p)
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < need:
+        raise InputError(f"{p}: the .npy file is truncated ({size} bytes, {need} expected).")
+    return RawArray(p, offset, shape, dtype)
+
+
+# --------------------------------------------------------------------------- whole images
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file into a numpy array (TIFF stacks keep all their planes)."""
+    """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes)."""
     p = Path(path)
     suffix = p.suffix.lower()
+    if suffix == ".zarr" and p.is_dir():
+        src = open_image(p)
+        try:
+            return np.asarray(src.array[...])
+        finally:
+            src.close()
     if not p.is_file():
         raise InputError(f"{p}: no such file.")
     try:
@@ -62,8 +300,20 @@ def write_image(path: str | os.PathLike, image: np.ndarray, **tiff_kwargs) -> Pa
     return p
 
 
+def _is_image_entry(f: Path) -> bool:
+    if f.name.startswith("."):
+        return False  # hidden files, and partial outputs of an interrupted run
+    if f.suffix.lower() == ".zarr":
+        return f.is_dir()
+    return f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+
+
 def expand_inputs(paths) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted list of image files."""
+    """Expand files, folders and glob patterns into a sorted list of image files.
+
+    A folder contributes its image files (and ``*.zarr`` stores), not its subfolders;
+    a ``.zarr`` directory given directly is one image.
+    """
     import glob
 
     out: list[Path] = []
@@ -73,8 +323,8 @@ def expand_inputs(paths) -> list[Path]:
         if not matches:
             raise InputError(f"{s}: no file matches this pattern.")
         for m in matches:
-            if m.is_dir():
-                files = sorted(f for f in m.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if m.is_dir() and m.suffix.lower() != ".zarr":
+                files = sorted(f for f in m.iterdir() if _is_image_entry(f))
                 if not files:
                     raise InputError(f"{m}: the folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
                 out.extend(files)
@@ -83,3 +333,162 @@ def expand_inputs(paths) -> list[Path]:
             else:
                 raise InputError(f"{m}: no such file or folder.")
     return out
+
+
+# --------------------------------------------------------------------------- lazy images
+
+
+@dataclass
+class ImageSource:
+    """An image opened lazily by :func:`open_image`.
+
+    Attributes
+    ----------
+    array : array-like
+        numpy, :class:`RawArray` or zarr array; index it to read regions.
+    axes : str or None
+        Axes found in the file (letters ``TZCYXS``), None when the file does not say.
+    meta : dict
+        Physical metadata: ``"pixel_size"`` (``{"X": (value, unit), "Y": ..., "Z": ...}``),
+        ``"time_increment"`` ((value, unit)), ``"channel_names"`` (list), and for TIFF
+        ``"resolution"``, ``"resolutionunit"``, ``"imagej"``, ``"ome"`` (True for OME-TIFF).
+    format : str
+        ``"tiff"``, ``"zarr"``, ``"npy"`` or ``"pillow"``.
+    """
+
+    path: Path
+    array: Any
+    axes: Optional[str]
+    meta: dict = field(default_factory=dict)
+    format: str = ""
+    _closers: list = field(default_factory=list, repr=False)
+
+    @property
+    def lazy(self) -> bool:
+        """True when the pixels are read on demand (not held in memory)."""
+        return not isinstance(self.array, np.ndarray) or isinstance(self.array, np.memmap)
+
+    def close(self) -> None:
+        """Release the file handles."""
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_image(path: str | os.PathLike) -> ImageSource:
+    """Open an image file or zarr store lazily (see :class:`ImageSource`).
+
+    Raises
+    ------
+    InputError
+        The file does not exist, or cannot be read as an image (the message names it).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if not p.exists():
+        raise InputError(f"{p}: no such file.")
+    try:
+        if suffix == ".zarr":
+            return _open_zarr(p)
+        if not p.is_file():
+            raise InputError(f"{p}: not a file (folders are expanded by the CLI; zarr stores end in .zarr).")
+        if suffix in (".tif", ".tiff"):
+            return _open_tiff(p)
+        if suffix == ".npy":
+            arr = _open_npy(p)
+            src = ImageSource(p, arr, None, {}, "npy")
+            if isinstance(arr, RawArray):
+                src._closers.append(arr.close)
+            return src
+        return ImageSource(p, read_image(p), None, {}, "pillow")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{p}: cannot be read as an image ({type(exc).__name__}: {exc}).") from None
+
+
+def _open_tiff(p: Path) -> ImageSource:
+    import tifffile
+
+    from .ome import tiff_metadata
+
+    tf = tifffile.TiffFile(p)
+    try:
+        series = tf.series[0]
+        meta = tiff_metadata(tf, len(series.shape))
+        axes = meta.pop("axes", None)
+        page = series.pages[0] if hasattr(series, "pages") else tf.pages[0]
+        offset = series.dataoffset
+        raw_ok = (
+            offset is not None
+            and series.dtype is not None
+            and getattr(page, "bitspersample", series.dtype.itemsize * 8) == series.dtype.itemsize * 8
+            and int(np.prod(series.shape, dtype=np.int64)) * series.dtype.itemsize <= os.path.getsize(p) - offset
+        )
+        if raw_ok:
+            byteorder = tf.byteorder
+            arr: Any = RawArray(p, offset, series.shape, series.dtype.newbyteorder(byteorder))
+            tf.close()
+            src = ImageSource(p, arr, axes, meta, "tiff")
+            src._closers.append(arr.close)
+            return src
+        import zarr
+
+        store = series.aszarr(level=0) if getattr(series, "is_pyramidal", False) else series.aszarr()
+        z = zarr.open(store, mode="r")
+        if not hasattr(z, "shape"):  # a group (multiscale): the full-resolution level
+            z = z["0"]
+        src = ImageSource(p, z, axes, meta, "tiff")
+        src._closers += [tf.close, store.close]
+        return src
+    except Exception:
+        tf.close()
+        raise
+
+
+def _open_zarr(p: Path) -> ImageSource:
+    import zarr
+
+    if not is_zarr(p):
+        raise InputError(f"{p}: not a zarr store (no zarr.json, .zarray or .zgroup inside).")
+    node = zarr.open(str(p), mode="r")
+    attrs = dict(node.attrs)
+    meta: dict = {}
+    axes = attrs.get("axes") if isinstance(attrs.get("axes"), str) else None
+    if not hasattr(node, "shape"):  # a group: OME-NGFF multiscales, else its only / first array
+        ngff = attrs.get("ome", attrs)
+        ms = ngff.get("multiscales") if isinstance(ngff, dict) else None
+        if ms:
+            ds = ms[0]["datasets"][0]
+            arr = node[ds["path"]]
+            names = [a.get("name", "") if isinstance(a, dict) else str(a) for a in ms[0].get("axes", [])]
+            letters = "".join(n[:1].upper() for n in names)
+            if len(letters) == arr.ndim and set(letters) <= set("TZCYX") and len(set(letters)) == len(letters):
+                axes = letters
+            units = {n[:1].upper(): a.get("unit") for n, a in zip(names, ms[0].get("axes", [])) if isinstance(a, dict)}
+            for t in ds.get("coordinateTransformations", []):
+                if t.get("type") == "scale" and axes and len(t.get("scale", [])) == len(axes):
+                    meta["pixel_size"] = {c: (float(v), units.get(c)) for c, v in zip(axes, t["scale"]) if c in "ZYX"}
+        else:
+            names = sorted(k for k, _ in node.arrays())
+            if not names:
+                raise InputError(f"{p}: the zarr group holds no array.")
+            arr = node[names[0]]
+            axes = dict(arr.attrs).get("axes", axes) if isinstance(dict(arr.attrs).get("axes"), str) else axes
+    else:
+        arr = node
+        ps = attrs.get("pixel_size")
+        if isinstance(ps, dict):
+            meta["pixel_size"] = {k: (float(v[0]), v[1]) if isinstance(v, (list, tuple)) else (float(v), None)
+                                  for k, v in ps.items()}
+    if axes is not None and (len(axes) != arr.ndim or not set(axes.upper()) <= set("TZCYXS")):
+        axes = None
+    return ImageSource(p, arr, axes.upper() if axes else None, meta, "zarr")

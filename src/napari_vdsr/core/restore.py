@@ -2,7 +2,16 @@
 
 :func:`restore` is the one engine behind the CLI, the napari widgets and scripts;
 :func:`restore_iter` is the same work as a generator of :class:`RestoreProgress`
-events (one per tile) for progress bars and cancellation.
+events (one per tile) for progress bars and cancellation; :func:`restore_blocks`
+yields the result block by block (for outputs larger than memory), and a dask
+array given to :func:`restore` gives a lazy dask array (:mod:`.lazy`).
+
+Tiles
+-----
+Every output tile is computed from the matching input region plus margins: the
+halo the network needs (``depth`` px) and the bicubic kernel's support
+(:mod:`.upsample`); a tile is therefore identical to the same pixels of the
+whole-image result, whatever the tile size, block size or dask chunking.
 
 Axes
 ----
@@ -29,14 +38,23 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .errors import Cancelled, InputError, ModelError
-from .tiling import MIN_TILE, count_tiles, cpu_allocation_tuning, predict_plane_iter, prepare_net
+from .tiling import (
+    MIN_TILE,
+    cpu_allocation_tuning,
+    forward_crop,
+    halo_for,
+    is_out_of_memory,
+    prepare_net,
+    tile_boxes,
+    trim_heap,
+)
 
 __all__ = [
     "RestoreProgress",
@@ -48,6 +66,10 @@ __all__ = [
     "plane_count",
     "restore_iter",
     "restore",
+    "RestoredBlock",
+    "restore_blocks",
+    "block_grid",
+    "block_shape",
 ]
 
 TASKS = ("sr", "denoise", "deblock")
@@ -69,6 +91,8 @@ class RestoreProgress:
         Number of planes being processed.
     result : ndarray or None
         The restored image; set only on the last event.
+    tile : int or None
+        Tile size in use (it shrinks after an out-of-memory back-off).
     """
 
     done: int
@@ -76,6 +100,7 @@ class RestoreProgress:
     plane: int
     n_planes: int
     result: Optional[np.ndarray] = None
+    tile: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- axes
@@ -272,20 +297,69 @@ def _resolve_device(device) -> torch.device:
 # --------------------------------------------------------------------------- work
 
 
-def _intensity(image, dtype: np.dtype, ax: str, plane_idx: list[tuple]):
-    """Intensity map over the whole image (numpy/dask: one reduction; other array-likes: plane by plane)."""
-    from .normalize import Intensity, intensity_range
+def _is_dask(a: Any) -> bool:
+    return hasattr(a, "dask") and hasattr(a, "compute") and hasattr(a, "chunks")
 
-    if dtype == np.uint8:
-        return Intensity(0.0, 255.0)
-    if isinstance(image, np.ndarray) or hasattr(image, "compute"):
-        return intensity_range(image, dtype)
-    lo, hi = math.inf, -math.inf
-    for idx in plane_idx:
-        p = np.asarray(image[idx])
-        _check_finite(p, "the image")
-        lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
-    return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
+
+def _in_memory(a: Any) -> bool:
+    """numpy arrays already in memory (memory-mapped files are read region by region instead)."""
+    return isinstance(a, np.ndarray) and not isinstance(a, np.memmap)
+
+
+#: Reads of array-likes that are not in memory (zarr, files) stay below this many bytes.
+SLAB_BYTES = 32 * 2**20
+#: After a CPU forward pass on at least this many pixels, free heap pages go back to the system.
+TRIM_PIXELS = 256 * 256
+
+
+class _PlaneReader:
+    """Regions of one plane of an array-like, in the canonical ``(Y, X[, S])`` layout.
+
+    numpy planes are views; dask planes are computed once per plane; other array-likes
+    (zarr, TIFF/npy files read lazily) are read region by region, with one band of rows
+    (:meth:`prefetch`) kept so that neighbouring tiles do not read the same rows twice.
+    """
+
+    def __init__(self, img: Any, idx: tuple, ax: str, to_canon: list[int]) -> None:
+        self.img, self.idx, self.to_canon = img, idx, to_canon
+        self.iy, self.ix = ax.index("Y"), ax.index("X")
+        self.width = int(img.shape[self.ix])
+        self.plane: Optional[np.ndarray] = None
+        self.band: Optional[tuple[int, int, np.ndarray]] = None
+        if _in_memory(img):
+            self.plane = np.transpose(img[idx], to_canon)
+        elif _is_dask(img):
+            self.plane = np.transpose(np.asarray(img[idx]), to_canon)
+
+    @property
+    def lazy(self) -> bool:
+        return self.plane is None
+
+    def _read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        idx = list(self.idx)
+        idx[self.iy] = slice(i0, i1)
+        idx[self.ix] = slice(j0, j1)
+        return np.transpose(np.asarray(self.img[tuple(idx)]), self.to_canon)
+
+    def prefetch(self, i0: int, i1: int) -> None:
+        """Read rows ``[i0, i1)`` (full width) once for the regions that follow."""
+        if self.plane is None:
+            self.band = None  # free the previous band first
+            self.band = (i0, i1, self._read(i0, i1, 0, self.width))
+
+    def region(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        if self.plane is not None:
+            return self.plane[i0:i1, j0:j1]
+        b = self.band
+        if b is not None and b[0] <= i0 and i1 <= b[1]:
+            return b[2][i0 - b[0] : i1 - b[0], j0:j1]
+        return self._read(i0, i1, j0, j1)
+
+    def row_slabs(self, itemsize: int, samples: int) -> Iterator[tuple[int, int]]:
+        h = int(self.img.shape[self.iy])
+        rows = max(1, SLAB_BYTES // max(1, self.width * itemsize * max(1, samples)))
+        for i0 in range(0, h, rows):
+            yield i0, min(h, i0 + rows)
 
 
 def _check_finite(p: np.ndarray, where: str) -> None:
@@ -302,30 +376,99 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
-def restore_iter(
+@dataclass
+class _Job:
+    """A checked restoration job: everything :func:`restore_iter` and friends need."""
+
+    img: Any
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    ax: str
+    task: str
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    net: torch.nn.Module
+    card: dict
+    device: Any  # torch.device (prepared) or the user's spec (lazy jobs resolve it where they run)
+    amp: Any
+    tile: int
+    block: int
+    todo: list[int]
+    plane_axes: list[int]
+    plane_sizes: list[int]
+    is_rgb: bool
+    n_samples: int
+    to_canon: list[int]
+    from_canon: list[int]
+    compact: bool
+
+    @property
+    def n_all(self) -> int:
+        return int(np.prod(self.plane_sizes, dtype=np.int64))
+
+    @property
+    def grid(self) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+        return block_grid(self.out_hw, self.tile, self.block)
+
+    @property
+    def per_plane(self) -> int:
+        gy, gx = self.grid
+        return len(gy) * len(gx)
+
+    @property
+    def total(self) -> int:
+        return self.per_plane * len(self.todo)
+
+    @property
+    def result_shape(self) -> tuple[int, ...]:
+        oh, ow = self.out_hw
+        if self.compact:
+            return (len(self.todo), oh, ow) + ((self.n_samples,) if self.is_rgb else ())
+        out = list(self.shape)
+        out[self.ax.index("Y")] = oh
+        out[self.ax.index("X")] = ow
+        return tuple(out)
+
+    def index_of(self, k: int) -> tuple:
+        """Index of plane ``k`` in the input (ints on plane axes, full slices elsewhere)."""
+        pos = np.unravel_index(k, self.plane_sizes) if self.plane_sizes else ()
+        idx: list[Any] = [slice(None)] * len(self.shape)
+        for a, p in zip(self.plane_axes, pos):
+            idx[a] = int(p)
+        return tuple(idx)
+
+    def out_index(self, pos: int, k: int, box: tuple[int, int, int, int]) -> tuple:
+        """Index of ``box`` of plane ``k`` (``pos``-th processed) in the result array."""
+        y0, y1, x0, x1 = box
+        if self.compact:
+            return (pos, slice(y0, y1), slice(x0, x1)) + ((slice(None),) if self.is_rgb else ())
+        idx = list(self.index_of(k))
+        idx[self.ax.index("Y")] = slice(y0, y1)
+        idx[self.ax.index("X")] = slice(x0, x1)
+        return tuple(idx)
+
+
+def _check_tile(value: Any, what: str = "tile size") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < MIN_TILE:
+        raise InputError(f"{what} must be an integer of at least {MIN_TILE} px, got {value!r}; 512 is a good default.")
+    return int(value)
+
+
+def _prepare(
     image: Any,
-    task: str = "sr",
-    scale: float | Sequence[float] = 2.0,
-    model: Any = None,
-    axes: Optional[str] = None,
-    rgb: Optional[bool] = None,
-    tile: int = 512,
-    device: str | torch.device = "auto",
-    planes: Optional[Sequence[int]] = None,
-) -> Iterator[RestoreProgress]:
-    """Restore ``image`` and report progress after every tile.
-
-    Arguments are checked (and the model loaded) when this function is called; the
-    work happens while the returned iterator is consumed.  Stopping the iteration
-    (``break``, ``gen.close()``) cancels the work within one tile.  See :func:`restore`
-    for the parameters.
-
-    Yields
-    ------
-    RestoreProgress
-        One event per tile (or per batch of small tiles); the last one has ``done ==
-        total`` and carries the result in ``result``.
-    """
+    task: str,
+    scale: Any,
+    model: Any,
+    axes: Optional[str],
+    rgb: Optional[bool],
+    tile: int,
+    device: Any,
+    planes: Optional[Sequence[int]],
+    amp: Any = None,
+    block: Optional[int] = None,
+    resolve: bool = True,
+) -> _Job:
+    """Check the arguments and load the model; ``resolve=False`` leaves the device and the net as given."""
     task = _check_task(task)
     img = _as_arraylike(image)
     shape = tuple(int(s) for s in img.shape)
@@ -343,9 +486,8 @@ def restore_iter(
             f"{ax!r} was used for shape {shape})."
         )
     sy, sx = (1.0, 1.0) if task != "sr" else _check_scale(scale)
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
-        raise InputError(f"tile size must be an integer of at least {MIN_TILE} px, got {tile!r}; 512 is a good default.")
-    tile = int(tile)
+    tile = _check_tile(tile)
+    block = tile if block is None else _check_tile(block, "block size")
 
     plane_axes = [i for i, c in enumerate(ax) if c not in "YXS"]
     plane_sizes = [shape[i] for i in plane_axes]
@@ -365,100 +507,322 @@ def restore_iter(
             )
 
     net, card = _resolve_model(model, task)
-    dev = _resolve_device(device)
-    net = prepare_net(net, dev)
-
-    oh, ow = _scaled_yx(shape, ax, (sy, sx))
-    is_rgb = "S" in ax
-    n_samples = shape[ax.index("S")] if is_rgb else 0
-    # layout of one plane as read: the Y, X (and S) axes in their original order
-    rest = [c for c in ax if c in "YXS"]
-    canon = "YXS" if is_rgb else "YX"
-    to_canon = [rest.index(c) for c in canon]
-    from_canon = [canon.index(c) for c in rest]
-
-    def index_of(k: int) -> tuple:
-        pos = np.unravel_index(k, plane_sizes) if plane_sizes else ()
-        idx: list[Any] = [slice(None)] * len(shape)
-        for a, p in zip(plane_axes, pos):
-            idx[a] = int(p)
-        return tuple(idx)
-
-    all_idx = [index_of(k) for k in range(n_all)]
-    per_plane = count_tiles((oh, ow), tile)
-    total = per_plane * len(todo)
-
-    out_shape = list(shape)
-    out_shape[ax.index("Y")] = oh
-    out_shape[ax.index("X")] = ow
-    if planes is None:
-        result_shape = tuple(out_shape)
+    if resolve:
+        dev = _resolve_device(device)
+        net = prepare_net(net, dev)
     else:
-        result_shape = (len(todo), oh, ow) + ((n_samples,) if is_rgb else ())
-
-    return _restore_gen(
-        img, dtype, ax, task, (oh, ow), net, dev, tile, todo, all_idx, to_canon, from_canon,
-        result_shape, planes is not None, per_plane, total, is_rgb,
+        dev = device
+    is_rgb = "S" in ax
+    rest = [c for c in ax if c in "YXS"]  # layout of one plane as read
+    canon = "YXS" if is_rgb else "YX"
+    return _Job(
+        img=img, dtype=dtype, shape=shape, ax=ax, task=task, in_hw=(h, w),
+        out_hw=_scaled_yx(shape, ax, (sy, sx)), net=net, card=card, device=dev, amp=amp, tile=tile,
+        block=block, todo=todo, plane_axes=plane_axes, plane_sizes=plane_sizes, is_rgb=is_rgb,
+        n_samples=shape[ax.index("S")] if is_rgb else 0, to_canon=[rest.index(c) for c in canon],
+        from_canon=[canon.index(c) for c in rest], compact=planes is not None,
     )
 
 
-def _restore_gen(*args) -> Iterator[RestoreProgress]:
-    dev = args[6]
-    with cpu_allocation_tuning(dev.type == "cpu"):  # undone when the generator finishes or is closed
-        yield from _restore_work(*args)
+def _intensity(job: _Job):
+    """Intensity map over the whole image (numpy/dask: one reduction; other array-likes: streamed slabs)."""
+    from .normalize import Intensity, intensity_range
+
+    img, dtype = job.img, job.dtype
+    if dtype == np.uint8:
+        return Intensity(0.0, 255.0)
+    if _in_memory(img) or _is_dask(img):
+        return intensity_range(img, dtype)
+    lo, hi = math.inf, -math.inf
+    for k in range(job.n_all):
+        reader = _PlaneReader(img, job.index_of(k), job.ax, job.to_canon)
+        for i0, i1 in reader.row_slabs(dtype.itemsize, job.n_samples):
+            p = reader.region(i0, i1, 0, reader.width)
+            _check_finite(p, "the image")
+            lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
+    return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
 
 
-def _restore_work(
-    img, dtype, ax, task, out_hw, net, dev, tile, todo, all_idx, to_canon, from_canon,
-    result_shape, compact, per_plane, total, is_rgb,
-) -> Iterator[RestoreProgress]:
-    from .color import rgb_to_ycbcr, ycbcr_to_rgb
-    from .degrade import resize
+class _BoxEngine:
+    """Computes any box of a restored plane from the matching input region (plus margins).
 
-    inten = _intensity(img, dtype, ax, all_idx)
-    result = np.empty(result_shape, dtype=dtype)
-    oh, ow = out_hw
-    n = len(todo)
-    done = 0
-    net_out = np.empty((oh, ow), dtype=np.float32)
+    For every output box the engine takes the box plus a halo of ``halo`` px (cropped
+    to the plane), reads the input region that the bicubic upsampling of that crop
+    needs (:mod:`.upsample`), normalises it, upsamples it, runs the net once and keeps
+    the box.  A box is therefore the same whether it is computed alone, inside a larger
+    box or with the whole plane.  Boxes larger than :attr:`tile` are split; when a
+    forward pass runs out of memory the tile size is halved (with a warning) and the
+    box is done again in smaller pieces.
+    """
 
-    for pos, k in enumerate(todo):
-        raw = np.asarray(img[all_idx[k]])
-        where = f"plane {k}" if len(all_idx) > 1 else "the image"
+    def __init__(self, job: _Job, inten: Any, device: torch.device, net: torch.nn.Module) -> None:
+        self.job, self.inten, self.device, self.net = job, inten, device, net
+        self.halo = halo_for(net)
+        self.tile = job.tile
+        self.backoffs = 0
+
+    def box(self, reader: Any, box: tuple[int, int, int, int], where: str = "the image") -> np.ndarray:
+        """Restored values (output dtype) of ``box`` in the canonical ``(Y, X[, S])`` layout."""
+        y0, y1, x0, x1 = box
+        size = max(y1 - y0, x1 - x0)
+        if size > self.tile:
+            job = self.job
+            out = np.empty((y1 - y0, x1 - x0) + ((job.n_samples,) if job.is_rgb else ()), dtype=job.dtype)
+            for a, b, c, d in tile_boxes((y1 - y0, x1 - x0), self.tile):
+                out[a:b, c:d] = self.box(reader, (y0 + a, y0 + b, x0 + c, x0 + d), where)
+            return out
+        failed = False
+        try:
+            return self._single(reader, box, where)
+        except Exception as exc:  # noqa: BLE001 - only allocation failures are handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            failed = True  # handled below, outside the except block, so the failed tensors can be freed
+        if failed:
+            self._back_off(size)
+        return self.box(reader, box, where)
+
+    def block(self, reader: Any, ys: list[tuple[int, int]], xs: list[tuple[int, int]], where: str) -> np.ndarray:
+        """A block made of the tiles ``ys`` x ``xs`` (intervals of the plane's tile grid)."""
+        y0, x0 = ys[0][0], xs[0][0]
+        if len(ys) == 1 and len(xs) == 1:
+            return self.box(reader, (y0, ys[0][1], x0, xs[0][1]), where)
+        job = self.job
+        out = np.empty((ys[-1][1] - y0, xs[-1][1] - x0) + ((job.n_samples,) if job.is_rgb else ()), dtype=job.dtype)
+        for a, b in ys:
+            for c, d in xs:
+                out[a - y0 : b - y0, c - x0 : d - x0] = self.box(reader, (a, b, c, d), where)
+        return out
+
+    def _back_off(self, size: int) -> None:
+        import gc
+        import warnings
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        new = min(self.tile, size) // 2
+        if new < MIN_TILE:
+            raise ModelError(
+                f"out of memory on {self.device} even for a tile of {size} px; free memory (close other programs "
+                "using the device) or run on the CPU (device='cpu', --device cpu)."
+            )
+        warnings.warn(
+            f"out of memory on {self.device} for a {size} px tile: the tile size is halved to {new} px and the "
+            "run continues (results agree to float rounding; pass a smaller tile to avoid the retries).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.tile = new
+        self.backoffs += 1
+
+    def _single(self, reader: Any, box: tuple[int, int, int, int], where: str) -> np.ndarray:
+        from .color import rgb_to_ycbcr, ycbcr_to_rgb
+        from .upsample import source_box, upsample_region
+
+        job, inten, halo = self.job, self.inten, self.halo
+        (h, w), (oh, ow) = job.in_hw, job.out_hw
+        y0, y1, x0, x1 = box
+        crop = (max(0, y0 - halo), min(oh, y1 + halo), max(0, x0 - halo), min(ow, x1 + halo))
+        src = source_box((h, w), (oh, ow), crop)
+        raw = reader.region(*src)
         _check_finite(raw, where)
-        raw = np.transpose(raw, to_canon)
-        if is_rgb:
-            rgb = inten.to_net(raw[..., :3]) * np.float32(255.0)  # (H, W, 3) on 0..255
-            chw = np.moveaxis(rgb, -1, 0)
-            if (oh, ow) != raw.shape[:2]:
-                chw = resize(chw, (oh, ow))
-            ycc = rgb_to_ycbcr(np.moveaxis(chw, 0, -1))
+        origin = (src[0], src[2])
+        inner = (slice(y0 - crop[0], y1 - crop[0]), slice(x0 - crop[2], x1 - crop[2]))
+        if job.is_rgb:
+            rgb = inten.to_net(raw[..., :3]) * np.float32(255.0)  # 0..255, as the models were trained
+            ycc = rgb_to_ycbcr(upsample_region(rgb, origin, (h, w), (oh, ow), crop))
             x = np.ascontiguousarray(ycc[..., 0] / np.float32(255.0))
         else:
-            x = inten.to_net(raw)
-            if (oh, ow) != raw.shape:
-                x = resize(x, (oh, ow))
-        for tiles_done in predict_plane_iter(net, x, net_out, tile=tile, device=dev):
-            done = pos * per_plane + tiles_done
-            if done < total:
-                yield RestoreProgress(done, total, pos, n)
-        if is_rgb:
-            ycc[..., 0] = net_out * np.float32(255.0)
-            rgb_out = ycbcr_to_rgb(ycc) / np.float32(255.0)
-            plane_out = np.empty((oh, ow, raw.shape[-1]), dtype=dtype)
-            plane_out[..., :3] = _to_dtype(inten.from_net(rgb_out), dtype)
-            if raw.shape[-1] == 4:  # alpha: bicubic only, in its own units
-                alpha = raw[..., 3].astype(np.float32)
-                if (oh, ow) != raw.shape[:2]:
-                    alpha = resize(alpha, (oh, ow))
-                plane_out[..., 3] = _to_dtype(alpha, dtype)
-        else:
-            plane_out = _to_dtype(inten.from_net(net_out), dtype)
-        if compact:
-            result[pos] = plane_out
-        else:
-            result[all_idx[k]] = np.transpose(plane_out, from_canon)
-    yield RestoreProgress(total, total, n - 1, n, result)
+            x = upsample_region(inten.to_net(raw), origin, (h, w), (oh, ow), crop)
+        res = forward_crop(self.net, x, self.device, job.amp)[inner]
+        if self.device.type == "cpu" and x.size >= TRIM_PIXELS:
+            trim_heap()
+        if not job.is_rgb:
+            return _to_dtype(inten.from_net(res), job.dtype)
+        part = ycc[inner].copy()
+        part[..., 0] = res * np.float32(255.0)
+        out = np.empty((y1 - y0, x1 - x0, job.n_samples), dtype=job.dtype)
+        out[..., :3] = _to_dtype(inten.from_net(ycbcr_to_rgb(part) / np.float32(255.0)), job.dtype)
+        if job.n_samples == 4:  # alpha: bicubic only, in its own units
+            alpha = raw[..., 3].astype(np.float32)
+            out[..., 3] = _to_dtype(upsample_region(alpha, origin, (h, w), (oh, ow), box), job.dtype)
+        return out
+
+
+@dataclass
+class RestoredBlock:
+    """One block of the result, as produced by :func:`restore_blocks`.
+
+    Attributes
+    ----------
+    index : tuple
+        Where the block goes in the full result: ``result[index] = data``.
+    data : ndarray
+        The restored values (output dtype), axes in the order of the result.
+    plane : int
+        Flat index of the plane (C order over the non-Y/X/S axes).
+    position : int
+        Position of the plane in processing order (0 .. ``n_planes`` - 1).
+    box : (int, int, int, int)
+        ``(y0, y1, x0, x1)`` of the block in the output plane.
+    done, total : int
+        Blocks finished / in all.
+    tile : int
+        Tile size in use (smaller than asked for after an out-of-memory back-off).
+    yxs : ndarray
+        ``data`` in the ``(Y, X[, S])`` layout.
+    """
+
+    index: tuple
+    data: np.ndarray
+    plane: int
+    position: int
+    box: tuple[int, int, int, int]
+    done: int
+    total: int
+    tile: int
+    yxs: np.ndarray = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+def _block_gen(job: _Job) -> Iterator[RestoredBlock]:
+    with cpu_allocation_tuning(job.device.type == "cpu"):  # undone when the generator finishes or is closed
+        yield from _block_work(job)
+
+
+def _block_work(job: _Job) -> Iterator[RestoredBlock]:
+    from .upsample import resampler
+
+    inten = _intensity(job)
+    engine = _BoxEngine(job, inten, job.device, job.net)
+    gy, gx = job.grid
+    ry = resampler(job.in_hw[0], job.out_hw[0])
+    oh = job.out_hw[0]
+    done = 0
+    for pos, k in enumerate(job.todo):
+        reader = _PlaneReader(job.img, job.index_of(k), job.ax, job.to_canon)
+        where = f"plane {k}" if job.n_all > 1 else "the image"
+        for ys in gy:
+            y0, y1 = ys[0][0], ys[-1][1]
+            if reader.lazy:
+                reader.prefetch(*ry.source(max(0, y0 - engine.halo), min(oh, y1 + engine.halo)))
+            for xs in gx:
+                box = (y0, y1, xs[0][0], xs[-1][1])
+                data = engine.block(reader, ys, xs, where)
+                done += 1
+                yield RestoredBlock(
+                    index=job.out_index(pos, k, box), data=np.transpose(data, job.from_canon), plane=k,
+                    position=pos, box=box, done=done, total=job.total, tile=engine.tile, yxs=data,
+                )
+        reader.band = None
+
+
+def restore_blocks(
+    image: Any,
+    task: str = "sr",
+    scale: float | Sequence[float] = 2.0,
+    model: Any = None,
+    axes: Optional[str] = None,
+    rgb: Optional[bool] = None,
+    tile: int = 512,
+    device: str | torch.device = "auto",
+    planes: Optional[Sequence[int]] = None,
+    block: Optional[int] = None,
+    amp: Optional[bool] = None,
+) -> Iterator[RestoredBlock]:
+    """Restore ``image`` block by block, without ever holding the whole result.
+
+    Same parameters as :func:`restore`, plus ``block``.  The output planes are cut into
+    blocks of whole tiles, at most ``block`` x ``block`` px (default: ``tile``, one tile
+    per block; see :func:`block_grid`), plane after plane, row-major inside a plane.
+    Each block is computed from the matching
+    region of the input plus margins, so reading is lazy for array-likes that are not
+    in memory (zarr, :class:`~napari_vdsr.core.io.RawArray`, ...) and memory is bounded
+    by the block and tile sizes, not by the image.  Writing every block at
+    ``out[block.index]`` gives exactly :func:`restore`'s result.
+
+    Yields
+    ------
+    RestoredBlock
+    """
+    job = _prepare(image, task, scale, model, axes, rgb, tile, device, planes, amp=amp, block=block)
+    return _block_gen(job)
+
+
+def block_grid(
+    out_hw: Sequence[int], tile: int, block: Optional[int] = None
+) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+    """The blocks of an output plane of ``out_hw``, along Y and along X, as lists of tile intervals.
+
+    Each axis is split into ``ceil(n / tile)`` nearly equal tiles (:func:`~.tiling.split_axis`);
+    a block groups ``max(1, block // step)`` consecutive tiles, ``step`` being the tile length,
+    so every block is made of whole tiles of the same grid whatever ``block`` is: tiles --
+    and therefore results -- do not depend on the block size.
+    """
+    from .tiling import split_axis
+
+    out = []
+    for n in out_hw[-2:]:
+        tiles = split_axis(int(n), int(tile))
+        step = tiles[0][1] - tiles[0][0]
+        m = max(1, int(block or tile) // step)
+        out.append([tiles[i : i + m] for i in range(0, len(tiles), m)])
+    return out[0], out[1]
+
+
+def block_shape(out_hw: Sequence[int], block: int, tile: Optional[int] = None) -> tuple[int, int]:
+    """Largest block ``(height, width)`` :func:`restore_blocks` uses for output planes of ``out_hw``.
+
+    Blocks start at multiples of this shape, so it is the chunk shape that makes every
+    block fill exactly one chunk of a zarr array.  ``tile`` defaults to ``block``.
+    """
+    gy, gx = block_grid(out_hw, tile or block, block)
+    return gy[0][-1][1] - gy[0][0][0], gx[0][-1][1] - gx[0][0][0]
+
+
+def restore_iter(
+    image: Any,
+    task: str = "sr",
+    scale: float | Sequence[float] = 2.0,
+    model: Any = None,
+    axes: Optional[str] = None,
+    rgb: Optional[bool] = None,
+    tile: int = 512,
+    device: str | torch.device = "auto",
+    planes: Optional[Sequence[int]] = None,
+    amp: Optional[bool] = None,
+) -> Iterator[RestoreProgress]:
+    """Restore ``image`` and report progress after every tile.
+
+    Arguments are checked (and the model loaded) when this function is called; the
+    work happens while the returned iterator is consumed.  Stopping the iteration
+    (``break``, ``gen.close()``) cancels the work within one tile.  See :func:`restore`
+    for the parameters.
+
+    Yields
+    ------
+    RestoreProgress
+        One event per tile; the last one has ``done == total`` and carries the result
+        in ``result``.
+    """
+    job = _prepare(image, task, scale, model, axes, rgb, tile, device, planes, amp=amp)
+    return _result_gen(job)
+
+
+def _result_gen(job: _Job) -> Iterator[RestoreProgress]:
+    result = np.empty(job.result_shape, dtype=job.dtype)
+    n = len(job.todo)
+    gen = _block_gen(job)
+    tile = job.tile
+    try:
+        for b in gen:
+            result[b.index] = b.data
+            tile = b.tile
+            if b.done < b.total:
+                yield RestoreProgress(b.done, b.total, b.position, n, tile=tile)
+    finally:
+        gen.close()
+    yield RestoreProgress(job.total, job.total, n - 1, n, result, tile=tile)
 
 
 def restore(
@@ -473,14 +837,16 @@ def restore(
     planes: Optional[Sequence[int]] = None,
     progress: Optional[Callable[[int, int], Any]] = None,
     stop: Any = None,
-) -> np.ndarray:
+    amp: Optional[bool] = None,
+    lazy: Optional[bool] = None,
+) -> Any:
     """Restore an n-D image with a VDSR model.
 
     Parameters
     ----------
     image : array-like
-        numpy, dask or zarr array (read one plane at a time; never modified).
-        Integer (uint8, uint16, int16, ...) or float dtype.
+        numpy, dask or zarr array (never modified; array-likes that are not in memory
+        are read region by region).  Integer (uint8, uint16, int16, ...) or float dtype.
     task : {"sr", "denoise", "deblock"}
         Super-resolution, Gaussian denoising or JPEG artifact removal.
     scale : float or (float, float)
@@ -497,7 +863,8 @@ def restore(
         Force (True) or forbid (False) treating the last axis as RGB(A) samples.
     tile : int
         Interior tile size in pixels (>= 16); tiles carry a halo of ``depth`` px
-        so the result equals the untiled one.
+        so the result equals the untiled one.  On out-of-memory errors the tile size
+        is halved (with a :class:`RuntimeWarning`) and the run continues.
     device : str or torch.device
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
     planes : sequence of int, optional
@@ -505,14 +872,21 @@ def restore(
         The result then has shape ``(len(planes), H', W')`` (RGB: ``(len(planes), H', W', S)``),
         planes in the order given.
     progress : callable(done, total), optional
-        Called after every tile.
+        Called after every tile (not used for lazy results).
     stop : object with ``is_set()``, optional
         E.g. a :class:`threading.Event`; when set, work stops within one tile and
-        :class:`~napari_vdsr.core.errors.Cancelled` is raised.
+        :class:`~napari_vdsr.core.errors.Cancelled` is raised (not used for lazy results).
+    amp : bool, optional
+        Autocast on CUDA: ``None``/``True`` = bfloat16 (default), ``False`` = float32.
+        Other devices always compute in float32.
+    lazy : bool, optional
+        ``None`` (default): a dask array gives a lazy dask array (see
+        :func:`napari_vdsr.core.lazy.restore_dask`), anything else a numpy array.
+        ``True``: always return a lazy dask array; ``False``: always compute now.
 
     Returns
     -------
-    ndarray
+    ndarray or dask.array.Array
         Same dtype and axes as the input; Y and X scaled for SR.
 
     Raises
@@ -524,10 +898,20 @@ def restore(
     Cancelled
         ``stop`` was set.
     """
+    if lazy is None:
+        lazy = _is_dask(image) and planes is None
+    if lazy:
+        if planes is not None:
+            raise InputError("planes cannot be combined with a lazy result; select the planes from the dask "
+                             "array first (e.g. image[2:4]) or pass lazy=False.")
+        from .lazy import restore_dask
+
+        return restore_dask(image, task=task, scale=scale, model=model, axes=axes, rgb=rgb, tile=tile,
+                            device=device, amp=amp)
     if stop is not None and stop.is_set():
         raise Cancelled("restoration cancelled before it started.")
     gen = restore_iter(image, task=task, scale=scale, model=model, axes=axes, rgb=rgb, tile=tile,
-                       device=device, planes=planes)
+                       device=device, planes=planes, amp=amp)
     try:
         for ev in gen:
             if progress is not None:

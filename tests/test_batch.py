@@ -1,0 +1,258 @@
+"""`napari-vdsr predict` over folders of mixed formats: OME-TIFF, zarr, streaming outputs, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from napari_vdsr.cli import main
+from napari_vdsr.core import weights
+from napari_vdsr.core.io import expand_inputs, open_image, split_suffix
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.restore import restore
+
+torch.set_num_threads(1)
+zarr = pytest.importorskip("zarr")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = VDSR(depth=3, width=8)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
+            torch.nn.init.normal_(m.bias, 0.02, 0.02)
+    return weights.save_model(net, tmp_path_factory.mktemp("m") / "tiny-sr.safetensors",
+                              {"tasks": ["sr", "denoise"], "scales": [2, 3, 4]})
+
+
+@pytest.fixture(scope="module")
+def model(model_file):
+    return weights.load_model(model_file)
+
+
+def ref(img, model, **kw):
+    kw.setdefault("tile", 16)
+    return restore(img, model=model, device="cpu", **kw)
+
+
+def predict(*args):
+    return main(["predict", *map(str, args), "--device", "cpu", "--quiet"])
+
+
+RNG = np.random.default_rng(0)
+STACK = RNG.integers(0, 4000, (2, 3, 20, 26)).astype(np.uint16)  # C, Z, Y, X
+VOL = RNG.integers(0, 4000, (2, 24, 20)).astype(np.uint16)  # T, Y, X
+OME_META = {"axes": "CZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.3, "PhysicalSizeZ": 1.5,
+            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm", "PhysicalSizeZUnit": "µm",
+            "Channel": {"Name": ["DAPI", "GFP"]}}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "cells.ome.tif", STACK, ome=True, metadata=OME_META, photometric="minisblack")
+    tifffile.imwrite(d / "tiled.tif", STACK[0], tile=(16, 16), compression="zlib", metadata={"axes": "ZYX"},
+                     photometric="minisblack")
+    Image.fromarray(RNG.integers(0, 256, (18, 22, 3)).astype(np.uint8)).save(d / "photo.png")
+    Image.fromarray(RNG.integers(0, 256, (18, 22)).astype(np.uint8)).save(d / "grey.jpg", quality=90)
+    np.save(d / "plane.npy", RNG.random((21, 19)).astype(np.float32))
+    z = zarr.open_array(str(d / "vol.zarr"), mode="w", shape=(2, 24, 20), chunks=(1, 10, 10), dtype="uint16")
+    z[:] = VOL
+    z.attrs.update({"axes": "TYX"})
+    (d / "notes.txt").write_text("not an image")
+    (d / "sub").mkdir()  # subfolders are not searched
+    return d
+
+
+def test_folder_with_mixed_formats(tmp_path, folder, model_file, model):
+    out = tmp_path / "out"
+    assert predict(folder, "-o", out, "--model", model_file, "--tile", 16) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cells_x2.ome.tif", "grey_x2.jpg", "photo_x2.png", "plane_x2.npy", "tiled_x2.tif", "vol_x2.zarr"]
+    with tifffile.TiffFile(out / "cells_x2.ome.tif") as tf:
+        assert tf.is_ome and tf.series[0].axes == "CZYX"
+        np.testing.assert_array_equal(tf.series[0].asarray(), ref(STACK, model, axes="CZYX"))
+    np.testing.assert_array_equal(tifffile.imread(out / "tiled_x2.tif"), ref(STACK[0], model))
+    assert np.asarray(Image.open(out / "photo_x2.png")).shape == (36, 44, 3)
+    assert np.asarray(Image.open(out / "grey_x2.jpg")).shape == (36, 44)
+    npy = np.load(out / "plane_x2.npy")
+    np.testing.assert_array_equal(npy, ref(np.load(folder / "plane.npy"), model))
+    z = zarr.open_array(str(out / "vol_x2.zarr"), mode="r")
+    assert z.shape == (2, 48, 40) and z.attrs["axes"] == "TYX" and z.attrs["napari_vdsr"]["scale"] == [2, 2]
+    np.testing.assert_array_equal(z[:], ref(VOL, model))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial files left
+
+
+def test_ome_pixel_sizes_scaled(tmp_path, folder, model_file):
+    out = tmp_path / "res.ome.tif"
+    assert predict(folder / "cells.ome.tif", "-o", out, "--model", model_file, "--scale", 2, 4) == 0
+    with tifffile.TiffFile(out) as tf:
+        px = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]["Pixels"]
+        assert tf.series[0].shape == (2, 3, 40, 104)
+    assert px["PhysicalSizeY"] == pytest.approx(0.3 / 2)
+    assert px["PhysicalSizeX"] == pytest.approx(0.2 / 4)
+    assert px["PhysicalSizeZ"] == pytest.approx(1.5)  # other axes keep their size
+    assert px["PhysicalSizeXUnit"] == "µm"
+    assert [c["Name"] for c in px["Channel"]] == ["DAPI", "GFP"]
+    # the same sizes reach a zarr output, and read back through open_image
+    zout = tmp_path / "res.zarr"
+    assert predict(folder / "cells.ome.tif", "-o", zout, "--model", model_file) == 0
+    with open_image(zout) as src:
+        assert src.axes == "CZYX"
+        assert src.meta["pixel_size"]["X"][0] == pytest.approx(0.1)
+        assert src.meta["pixel_size"]["Z"][0] == pytest.approx(1.5)
+
+
+def test_imagej_input_to_ome_output_converts_the_calibration(tmp_path, model_file):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "ij.tif", STACK[0], imagej=True, resolution=(1 / 0.25, 1 / 0.25),
+                     metadata={"axes": "ZYX", "spacing": 2.0, "unit": "micron"})
+    assert predict(d / "ij.tif", "-o", tmp_path / "o", "--model", model_file, "--format", "ome.tif") == 0
+    assert predict(d / "ij.tif", "-o", tmp_path / "o", "--model", model_file) == 0
+    with tifffile.TiffFile(tmp_path / "o" / "ij_x2.ome.tif") as tf:
+        px = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert px["PhysicalSizeX"] == pytest.approx(0.125) and px["PhysicalSizeZ"] == pytest.approx(2.0)
+    with tifffile.TiffFile(tmp_path / "o" / "ij_x2.tif") as tf:  # ImageJ in, ImageJ out
+        assert tf.is_imagej and tf.imagej_metadata["spacing"] == 2.0
+        assert tf.pages[0].get_resolution()[0] == pytest.approx(8.0)
+
+
+def test_overwrite_protection_for_streamed_outputs(tmp_path, folder, model_file, capsys):
+    out = tmp_path / "out"
+    args = [folder / "vol.zarr", folder / "cells.ome.tif", "-o", out, "--model", model_file]
+    assert predict(*args) == 0
+    before = zarr.open_array(str(out / "vol_x2.zarr"), mode="r")[:]
+    (out / "cells_x2.ome.tif").write_bytes(b"keep me")
+    marker = out / "vol_x2.zarr" / "mine.txt"
+    marker.write_text("keep me")
+    assert predict(*args) == 1
+    err = capsys.readouterr().err
+    assert err.count("--overwrite") == 2 and "2 of 2" in err
+    assert (out / "cells_x2.ome.tif").read_bytes() == b"keep me" and marker.read_text() == "keep me"
+    assert predict(*args, "--overwrite") == 0
+    assert not marker.exists()
+    np.testing.assert_array_equal(zarr.open_array(str(out / "vol_x2.zarr"), mode="r")[:], before)
+    assert tifffile.imread(out / "cells_x2.ome.tif").shape == (2, 3, 40, 52)
+    # a folder that is not a zarr store is never deleted, even with --overwrite
+    (out / "vol_x2.zarr").rename(tmp_path / "moved.zarr")
+    (out / "vol_x2.zarr").mkdir()
+    (out / "vol_x2.zarr" / "precious.txt").write_text("data")
+    assert predict(folder / "vol.zarr", "-o", out, "--model", model_file, "--overwrite") == 1
+    assert "not a zarr store" in capsys.readouterr().err
+    assert (out / "vol_x2.zarr" / "precious.txt").read_text() == "data"
+
+
+def test_corrupt_files_among_good_ones(tmp_path, folder, model_file, capsys):
+    (folder / "broken.tif").write_bytes(b"II*\x00" + bytes(range(200)))
+    np.save(folder / "short.npy", np.zeros((30, 30), np.float32))
+    data = (folder / "short.npy").read_bytes()
+    (folder / "short.npy").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "empty.zarr").mkdir()
+    out = tmp_path / "out"
+    rc = predict(folder, "-o", out, "--model", model_file, "--tile", 32)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "3 of 9 file(s) failed, 6 written" in err
+    for name in ("broken.tif", "short.npy", "empty.zarr"):
+        assert name in err
+    assert "truncated" in err and "not a zarr store" in err
+    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 6
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, folder, model_file, monkeypatch, capsys):
+    from napari_vdsr.core import restore as restore_mod
+
+    calls = []
+    real = restore_mod.forward_crop
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(restore_mod, "forward_crop", failing)
+    out = tmp_path / "out"
+    rc = predict(folder / "cells.ome.tif", folder / "vol.zarr", "-o", out, "--model", model_file, "--tile", 16)
+    assert rc == 1
+    assert "device lost" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["vol_x2.zarr"]  # the failed file left nothing behind
+
+
+def test_zarr_to_zarr_equals_in_memory(tmp_path, model_file, model):
+    img = RNG.integers(0, 60000, (3, 37, 45)).astype(np.uint16)
+    z = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=img.shape, chunks=(1, 16, 16), dtype=img.dtype)
+    z[:] = img
+    out = tmp_path / "b.zarr"
+    assert predict(tmp_path / "a.zarr", "-o", out, "--model", model_file, "--tile", 24, "--scale", 1.5) == 0
+    res = zarr.open_array(str(out), mode="r")
+    assert res.shape == (3, 56, 68) and res.chunks == (1, 19, 23)  # 56 = 3 x 19 - 1: one block per chunk
+    np.testing.assert_array_equal(res[:], ref(img, model, scale=1.5, tile=24))
+    np.testing.assert_array_equal(z[:], img)
+
+
+def test_format_conversions_and_rgb_tiff_bands(tmp_path, folder, model_file, model):
+    rgb = RNG.integers(0, 256, (40, 37, 3)).astype(np.uint8)
+    tifffile.imwrite(folder / "rgb.tif", rgb, photometric="rgb")
+    out = tmp_path / "out"
+    assert predict(folder / "rgb.tif", folder / "plane.npy", "-o", out, "--model", model_file,
+                   "--format", "zarr", "--tile", 16) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(out / "rgb_x2.zarr"), mode="r")[:], ref(rgb, model))
+    assert predict(folder / "rgb.tif", "-o", out, "--model", model_file, "--tile", 16) == 0
+    np.testing.assert_array_equal(tifffile.imread(out / "rgb_x2.tif"), ref(rgb, model))  # written in row bands
+    # channel-last numpy: the TIFF gets its planes first (axes recorded), the zarr keeps the layout
+    np.save(folder / "yxc.npy", STACK[:, 0].transpose(1, 2, 0).copy())
+    assert predict(folder / "yxc.npy", "-o", out, "--model", model_file, "--axes", "YXC", "--format", "tif") == 0
+    with tifffile.TiffFile(out / "yxc_x2.tif") as tf:
+        assert tf.series[0].axes == "CYX"
+        np.testing.assert_array_equal(tf.series[0].asarray(),
+                                      ref(STACK[:, 0].transpose(1, 2, 0).copy(), model, axes="YXC").transpose(2, 0, 1))
+
+
+def test_denoise_keeps_pixel_sizes(tmp_path, folder, model_file):
+    assert predict(folder / "cells.ome.tif", "-o", tmp_path / "o", "--model", model_file, "--task", "denoise") == 0
+    with tifffile.TiffFile(tmp_path / "o" / "cells_denoised.ome.tif") as tf:
+        px = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert px["PhysicalSizeX"] == pytest.approx(0.2) and px["PhysicalSizeY"] == pytest.approx(0.3)
+
+
+def test_summary_and_progress_output(tmp_path, folder, model_file, capsys):
+    rc = main(["predict", str(folder / "plane.npy"), str(folder / "photo.png"), "-o", str(tmp_path / "o"),
+               "--model", str(model_file), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "2 file(s) written" in err and "Mpx/s" in err
+    assert "plane.npy ->" in err and "photo.png ->" in err
+
+
+def test_names_and_expansion(tmp_path, folder):
+    assert split_suffix("a.b.OME.TIF") == ("a.b", ".OME.TIF")
+    assert split_suffix("x.ome.zarr") == ("x", ".ome.zarr")
+    assert split_suffix("plain.tiff") == ("plain", ".tiff")
+    files = expand_inputs([folder])
+    assert [f.name for f in files] == ["cells.ome.tif", "grey.jpg", "photo.png", "plane.npy", "tiled.tif", "vol.zarr"]
+    assert [f.name for f in expand_inputs([folder / "vol.zarr"])] == ["vol.zarr"]
+    assert [f.name for f in expand_inputs([str(folder / "*.t*f")])] == ["cells.ome.tif", "tiled.tif"]
+
+
+def test_lazy_sources(folder, tmp_path):
+    with open_image(folder / "cells.ome.tif") as src:
+        assert src.lazy and src.axes == "CZYX" and src.meta["ome"]
+        assert src.meta["pixel_size"]["Y"] == (0.3, "µm")
+        np.testing.assert_array_equal(src.array[1, 2, 5:9, 3:7], STACK[1, 2, 5:9, 3:7])
+    with open_image(folder / "tiled.tif") as src:  # compressed, tiled: tifffile's zarr store
+        assert src.lazy and src.axes == "ZYX"
+        np.testing.assert_array_equal(np.asarray(src.array[2, 4:17, 1:5]), STACK[0, 2, 4:17, 1:5])
+    with open_image(folder / "plane.npy") as src:
+        assert src.lazy
+        np.testing.assert_array_equal(src.array[3:5], np.load(folder / "plane.npy")[3:5])
+    with open_image(folder / "photo.png") as src:
+        assert not src.lazy and src.array.shape == (18, 22, 3)
