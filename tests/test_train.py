@@ -273,3 +273,19 @@ def test_cli_sigint_stops_gracefully_and_saves(image_dir: Path, tmp_path: Path) 
     assert 0 < ck["step"] < 100000
     assert json.loads(log.read_text().splitlines()[-1])["kind"] == "stopped"
     assert (out / "best.safetensors").exists()
+
+
+def test_poisson_gaussian_training_noise(image_dir: Path, tmp_path: Path) -> None:
+    from napari_vdsr.core.data import PatchSampler, load_planes
+
+    planes = load_planes([image_dir])
+    clean_only = PatchSampler(planes, "denoise", 24, level_range=(1000.0, 1000.0), noise_model="poisson")
+    with_read = PatchSampler(planes, "denoise", 24, level_range=(1000.0, 1000.0), noise_model="poisson", read_noise=0.2)
+    a_in, a_tg = clean_only.batch(np.random.default_rng(0), 16)
+    b_in, b_tg = with_read.batch(np.random.default_rng(0), 16)
+    # read noise adds variance beyond the (weak, 1000-photon) shot noise
+    assert np.std(b_in - b_tg) > 2 * np.std(a_in - a_tg)
+    cfg = _cfg(None, [str(image_dir)], task="denoise", noise_model="poisson", photon_range=(10.0, 100.0),
+               read_noise=0.02, iterations=3, val_every=3)
+    events = list(train(cfg))
+    assert events[-1].kind == "done"

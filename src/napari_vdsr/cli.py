@@ -34,6 +34,8 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--sigma-range", type=float, nargs=2, metavar=("A", "B"), default=d.sigma_range, help="Gaussian σ range on 0..255 (denoise)")
     p.add_argument("--noise-model", choices=["gaussian", "poisson"], default="gaussian", help="denoise: Gaussian or Poisson (shot) noise")
     p.add_argument("--photon-range", type=float, nargs=2, metavar=("A", "B"), default=d.photon_range, help="Poisson: photons at full intensity")
+    p.add_argument("--read-noise", type=float, default=d.read_noise,
+                   help="Poisson model: Gaussian read noise up to this σ (0..1 scale) is added (Poisson-Gaussian)")
     p.add_argument("--quality-range", type=int, nargs=2, metavar=("A", "B"), default=d.quality_range, help="JPEG quality range (deblock)")
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -94,7 +96,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     kw = dict(
         data=[str(x) for x in data], task=a.task, scales=scales, scale_range=tuple(a.scale_range) if a.scale_range else None,
         sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
-        photon_range=tuple(a.photon_range), iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
+        photon_range=tuple(a.photon_range), read_noise=a.read_noise, iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
         optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
@@ -173,7 +175,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     overrides = cfg.model_dump(include={
         "iterations", "batch_size", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
         "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_every", "val_crop",
-        "checkpoint_minutes", "checkpoint_every", "sigma_range", "quality_range", "noise_model", "photon_range",
+        "checkpoint_minutes", "checkpoint_every", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
         "scale_range",
     })
     pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None

@@ -124,8 +124,10 @@ class PatchSampler:
         level_range: tuple[float, float] | None = None,
         quantize: bool = True,
         noise_model: str = "gaussian",
+        read_noise: float = 0.0,
     ) -> None:
         self.task = task
+        self.read_noise = float(read_noise)
         self.patch = int(patch_size)
         self.levels = list(levels) if levels else None
         self.level_range = level_range
@@ -173,7 +175,8 @@ class PatchSampler:
         x = int(rng.integers(0, plane.shape[1] - size + 1))
         crop = np.ascontiguousarray(_dihedral(plane[y : y + size, x : x + size], int(rng.integers(8))))
         task = "denoise-pg" if (self.task == "denoise" and self.noise_model == "poisson") else self.task
-        degraded = degrade_plane(crop, task, level, seed=rng, quantize=self.quantize)
+        rn = float(rng.uniform(0.0, self.read_noise)) if task == "denoise-pg" and self.read_noise > 0 else 0.0
+        degraded = degrade_plane(crop, task, level, seed=rng, quantize=self.quantize, read_noise=rn)
         if self.task == "deblock":  # keep the JPEG block grid where the image has it
             sl = (slice(0, self.patch), slice(0, self.patch))
         else:

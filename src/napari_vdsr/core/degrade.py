@@ -169,6 +169,7 @@ def degrade_plane(
     level: float,
     seed: int | np.random.Generator | None = 0,
     quantize: bool = True,
+    read_noise: float = 0.0,
 ) -> np.ndarray:
     """Synthesise the network input for a clean 2-D plane ``hr`` on the [0, 1] scale.
 
@@ -179,7 +180,8 @@ def degrade_plane(
     task : {"sr", "denoise", "deblock", "denoise-pg"}
         ``sr``: bicubic shrink by ``level`` then bicubic enlarge back to (H, W);
         ``denoise``: add Gaussian noise of σ = ``level`` (0..255 scale);
-        ``denoise-pg``: Poisson noise with ``level`` photons at intensity 1;
+        ``denoise-pg``: Poisson noise with ``level`` photons at intensity 1 plus
+        Gaussian read noise of σ = ``read_noise`` (on the [0, 1] scale);
         ``deblock``: JPEG at quality ``level``.
     quantize : bool
         Round the low-resolution image to 8 bits (as a saved LR image would be).
@@ -197,7 +199,7 @@ def degrade_plane(
     if task == "denoise":
         return add_gaussian_noise(hr, level / 255.0, seed=seed, peak=1.0)
     if task == "denoise-pg":
-        return add_poisson_gaussian_noise(hr, photons=level, sigma=0.0, seed=seed)
+        return add_poisson_gaussian_noise(hr, photons=level, sigma=read_noise, seed=seed)
     if task == "deblock":
         u8 = np.clip(np.round(hr * 255.0), 0, 255).astype(np.uint8)
         return jpeg_compress(u8, int(round(level))).astype(np.float32) / 255.0

@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     quality_range: tuple[int, int] = (10, 40)
     noise_model: Literal["gaussian", "poisson"] = "gaussian"
     photon_range: tuple[float, float] = (5.0, 200.0)
+    read_noise: float = Field(0.01, ge=0, description="Poisson model: max Gaussian read noise σ on the [0, 1] scale")
     quantize: bool = True
     iterations: int = Field(9960, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -304,7 +305,7 @@ class Trainer:
             levels, level_range = cfg.levels()
             self.sampler = PatchSampler(
                 train_planes, cfg.task, cfg.patch_size, levels=levels, level_range=level_range,
-                quantize=cfg.quantize, noise_model=cfg.noise_model,
+                quantize=cfg.quantize, noise_model=cfg.noise_model, read_noise=cfg.read_noise,
             )
             self.val_items = (
                 make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model)
