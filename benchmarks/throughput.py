@@ -132,7 +132,7 @@ def child(cfg: dict) -> dict:
         tile = cfg["tile"] if cfg["mode"] == "tiled" else max(oh, ow) + 1
 
         def once():
-            out = restore(img, task="sr", scale=cfg["scale"], model=net, tile=tile, device=dev)
+            out = restore(img, task="sr", scale=cfg["scale"], model=net, tile=tile, device=dev, amp=cfg.get("amp"))
             sync()
             return out
 
@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed repetitions; the best is reported (default 2)")
     ap.add_argument("--gemm-size", type=int, default=2048, help="side of the sgemm matrices (default 2048)")
     ap.add_argument("--no-untiled", action="store_true", help="skip the untiled restore() run")
+    ap.add_argument("--amp", action="store_true",
+                    help="restore(amp=True): bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16; the ratios "
+                         "then use the bf16 matmul rate as the roofline (the fp32 ratio is printed too)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain whole-image forward")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time to report: wall (default) or process CPU time -- with --threads 1 the CPU time "
@@ -210,13 +213,21 @@ def main(argv=None) -> int:
     print(f"sgemm {a.gemm_size}x{a.gemm_size}: {gflops:.1f} GFLOP/s → roofline {limit:.4f} Mpx/s "
           f"({a.clock} clock)", flush=True)
 
+    fp32_limit = limit
+    from napari_vdsr.core.device import autocast_dtype
+
+    if a.amp and dev.type == "cpu" and autocast_dtype(dev, True) is not None:
+        bf16 = sgemm_gflops(a.gemm_size, 3, dev, clock, torch.bfloat16)
+        print(f"bf16 gemm {a.gemm_size}²: {bf16:.1f} GFLOP/s (CPU with native bf16) "
+              f"→ bf16 roofline {bf16 * 1e9 / flops_px / 1e6:.4f} Mpx/s (the ratios below use it)", flush=True)
+        gflops, limit = bf16, bf16 * 1e9 / flops_px / 1e6
     if dev.type == "cuda":  # restore() autocasts to bfloat16 on CUDA: the bf16 matmul rate is the roofline
         bf16 = sgemm_gflops(a.gemm_size * 2, 3, dev, clock, torch.bfloat16)
         print(f"bf16 gemm {a.gemm_size * 2}²: {bf16:.1f} GFLOP/s on {torch.cuda.get_device_name(dev)} "
               f"→ bf16 roofline {bf16 * 1e9 / flops_px / 1e6:.4f} Mpx/s (the ratios below use it)", flush=True)
         gflops, limit = bf16, bf16 * 1e9 / flops_px / 1e6
     base = {"size": a.size, "scale": a.scale, "device": a.device, "threads": a.threads, "model": a.model,
-            "repeat": a.repeat, "clock": a.clock}
+            "repeat": a.repeat, "clock": a.clock, "amp": True if a.amp else None}
     results: dict[str, dict] = {"baseline": run_child({**base, "mode": "baseline"})}
     print(f"baseline (python + torch + model, no work): peak RSS {results['baseline']['rss_mib']:.0f} MiB",
           flush=True)
@@ -224,8 +235,10 @@ def main(argv=None) -> int:
     def report(name: str, r: dict, extra: str = "") -> None:
         mpx = out_px / r["seconds"] / 1e6
         r["mpx_s"], r["roofline"] = mpx, mpx / limit
+        r["fp32_roofline"] = mpx / fp32_limit
+        fp32 = f" (fp32 roofline {mpx / fp32_limit:.3f})" if limit != fp32_limit else ""
         print(f"{name:<13} {r['seconds']:8.2f} s ({a.clock}; wall {r['wall_s']:.2f} s)  {mpx:.4f} Mpx/s  "
-              f"roofline {mpx / limit:.3f}  peak RSS {r['rss_mib']:6.0f} MiB{extra}", flush=True)
+              f"roofline {mpx / limit:.3f}{fp32}  peak RSS {r['rss_mib']:6.0f} MiB{extra}", flush=True)
 
     for t in tiles:
         r = run_child({**base, "mode": "tiled", "tile": t})
