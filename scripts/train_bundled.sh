@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train (or continue training) one of the bundled models in the background-friendly way.
+#
+#   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
+#
+# Continuation order: runs/<task>/checkpoint.pt (exact resume, same machine/session) →
+# the committed bundled weights (--from ... --start-step <steps in its card>; Adam moments
+# restart) → from scratch (sr) / from the bundled SR weights (denoise, deblock: --transfer).
+# Ctrl-C or SIGTERM stops after the current step and saves. See docs/training.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task=${1:?usage: train_bundled.sh sr|denoise|deblock [options]}; shift
+export OMP_NUM_THREADS=${THREADS:-2}
+data=${DATA:-../shared/data/train/SunHays80}
+case $task in
+  sr)      name=vdsr-sr-x234;  args=(--scales 2 3 4 --iterations 30000 --patch-size 41 --lr-step 12000) ;;
+  denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 20000 --patch-size 48 --lr-step 8000) ;;
+  deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 20000 --patch-size 48 --lr-step 8000) ;;
+  *) echo "unknown task $task" >&2; exit 2 ;;
+esac
+run=runs/$task
+[ "$task" = sr ] && run=runs/sr-multiscale
+common=(train --data "$data" --task "$task" "${args[@]}" --batch-size 32 --optimizer adam --lr 1e-4
+        --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
+        --seed 0 --device cpu --out "$run" --name "$name")
+bundled=src/napari_vdsr/weights/$name.safetensors
+if [ -f "$run/checkpoint.pt" ]; then
+  exec napari-vdsr "${common[@]}" --resume "$@"
+elif [ -f "$bundled" ]; then
+  steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${bundled%.safetensors}.json")
+  exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$steps" "$@"
+elif [ "$task" = sr ]; then
+  exec napari-vdsr "${common[@]}" "$@"
+else
+  exec napari-vdsr "${common[@]}" --from src/napari_vdsr/weights/vdsr-sr-x234.safetensors --transfer "$@"
+fi
