@@ -30,3 +30,18 @@ def shared_data() -> Path:
             f"{REPO_ROOT.parent / 'shared' / 'data'} (it holds benchmarks/Set5, Set14, ...)"
         )
     return path
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def on_note(notification):
+        got.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(on_note)
+    yield got
+    notification_manager.notification_ready.disconnect(on_note)

@@ -69,21 +69,6 @@ def denoise_model(tmp_path_factory) -> str:
     return _tiny(tmp_path_factory.mktemp("models") / "tiny-dn.safetensors", ["denoise"])
 
 
-@pytest.fixture
-def notes():
-    """Messages of the napari notifications shown during the test."""
-    from napari.utils.notifications import notification_manager
-
-    got: list[str] = []
-
-    def on_note(notification):
-        got.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(on_note)
-    yield got
-    notification_manager.notification_ready.disconnect(on_note)
-
-
 def make_widget(viewer, base_model: str, out: Path, task: str = "sr", **values) -> FinetuneWidget:
     w = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(w, name="Fine-tune")

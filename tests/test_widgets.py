@@ -66,21 +66,6 @@ def tiny_model(tmp_path_factory) -> str:
     return str(weights.save_model(VDSR(depth=3, width=8), path, card))
 
 
-@pytest.fixture
-def notes():
-    """Messages of the napari notifications shown during the test."""
-    from napari.utils.notifications import notification_manager
-
-    got: list[str] = []
-
-    def on_note(notification):
-        got.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(on_note)
-    yield got
-    notification_manager.notification_ready.disconnect(on_note)
-
-
 def make_widget(viewer, cls, model_path: str):
     w = cls(viewer)
     viewer.window.add_dock_widget(w, name=cls.__name__)
