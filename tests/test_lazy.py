@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import busy_net as make_busy_net
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,15 +24,9 @@ torch.set_num_threads(1)
 da = pytest.importorskip("dask.array")
 
 
-def busy_net(depth: int = 5, width: int = 6, seed: int = 0) -> VDSR:
-    """A tiny VDSR with a large residual, so that every layer's padding shows in the result."""
-    torch.manual_seed(seed)
-    net = VDSR(depth=depth, width=width)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
-            torch.nn.init.normal_(m.bias, 0.02, 0.02)
-    return net.eval()
+
+def busy_net(seed: int = 0):
+    return make_busy_net(depth=5, width=6, seed=seed)
 
 
 NET = busy_net()

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import busy_net as make_busy_net
 import torch
 
 from napari_vdsr.core import weights
@@ -25,14 +26,9 @@ from napari_vdsr.core.restore import (
 torch.set_num_threads(1)
 
 
-def busy_net(depth: int = 4, width: int = 4, seed: int = 0) -> VDSR:
-    torch.manual_seed(seed)
-    net = VDSR(depth=depth, width=width)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
-            torch.nn.init.normal_(m.bias, 0.02, 0.02)
-    return net.eval()
+
+def busy_net(seed: int = 0):
+    return make_busy_net(depth=4, width=4, seed=seed)
 
 
 def identity_net() -> VDSR:

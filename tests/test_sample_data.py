@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 
 import numpy as np
 import pytest
+from helpers import NO_DISPLAY_REASON, no_display
 
 from napari_vdsr import _sample_data as samples
 
@@ -84,22 +82,14 @@ def test_manifest_lists_every_sample_and_its_commands_import():
     assert all(c.startswith("napari-vdsr.") for c in cmds)
 
 
-def _no_display() -> bool:
-    return (
-        sys.platform.startswith("linux")
-        and not os.environ.get("DISPLAY")
-        and not os.environ.get("WAYLAND_DISPLAY")
-        and os.environ.get("QT_QPA_PLATFORM") not in ("offscreen", "minimal")
-        and shutil.which("Xvfb") is None
-    )
 
 
 @pytest.mark.gui
 def test_every_sample_opens_in_napari(request):
     pytest.importorskip("napari", reason="napari is not installed (pip install -e .[testing])")
     pytest.importorskip("qtpy", reason="no Qt binding (pip install -e .[testing])")
-    if _no_display():
-        pytest.skip("no display: set DISPLAY or install Xvfb (pytest-xvfb starts it)")
+    if no_display():
+        pytest.skip(NO_DISPLAY_REASON)
     npe2 = pytest.importorskip("npe2")
     make_napari_viewer = request.getfixturevalue("make_napari_viewer")
     viewer = make_napari_viewer()

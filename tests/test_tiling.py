@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import busy_net as make_busy_net
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,15 +17,9 @@ torch.set_num_threads(1)
 DEPTH = 6
 
 
-def busy_net(depth: int = DEPTH, width: int = 6, seed: int = 0) -> VDSR:
-    """A tiny VDSR whose residual is large, so that every layer's padding matters."""
-    torch.manual_seed(seed)
-    net = VDSR(depth=depth, width=width)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
-            torch.nn.init.normal_(m.bias, 0.05, 0.05)
-    return net.eval()
+
+def busy_net(seed: int = 0):
+    return make_busy_net(depth=DEPTH, width=6, seed=seed)
 
 
 NET = busy_net()

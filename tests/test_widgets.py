@@ -8,24 +8,16 @@ the output is close to bicubic) keeps every run well under a second.
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 import threading
 
 import numpy as np
 import pytest
+from helpers import NO_DISPLAY_REASON, no_display
 
 pytest.importorskip("napari", reason="napari is not installed (pip install -e .[testing])")
 pytest.importorskip("qtpy", reason="no Qt binding (pip install -e .[testing])")
-if (
-    sys.platform.startswith("linux")
-    and not os.environ.get("DISPLAY")
-    and not os.environ.get("WAYLAND_DISPLAY")
-    and os.environ.get("QT_QPA_PLATFORM") not in ("offscreen", "minimal")
-    and shutil.which("Xvfb") is None
-):
-    pytest.skip("no display: set DISPLAY or install Xvfb (pytest-xvfb starts it)", allow_module_level=True)
+if no_display():
+    pytest.skip(NO_DISPLAY_REASON, allow_module_level=True)
 
 import torch  # noqa: E402
 

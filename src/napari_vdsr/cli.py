@@ -7,7 +7,6 @@ tqdm progress bar.  Errors meant for users are printed without a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence

@@ -18,9 +18,9 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -168,11 +168,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def clip_gradients(params, theta: float, lr: float) -> float:
+def clip_gradients(params, theta: float, lr: float, count: bool = True) -> float:
     """Adjustable gradient clipping (Kim et al. 2016): clamp every gradient element to [-θ/γ, θ/γ].
 
     ``γ`` is the current learning rate, so a plain SGD step ``γ·g`` never moves a
-    weight by more than ``θ``.  Returns the fraction of elements that were clipped.
+    weight by more than ``θ``.  Returns the fraction of elements that were clipped
+    (``count=False`` skips that count, and its host synchronisation, in the training loop).
     """
     bound = theta / lr
     clipped = total = 0
@@ -180,8 +181,9 @@ def clip_gradients(params, theta: float, lr: float) -> float:
         if p.grad is None:
             continue
         g = p.grad
-        clipped += int((g.abs() > bound).sum())
-        total += g.numel()
+        if count:
+            clipped += int((g.abs() > bound).sum())
+            total += g.numel()
         g.clamp_(-bound, bound)
     return clipped / max(1, total)
 
@@ -412,7 +414,7 @@ class Trainer:
                 for p in params:
                     p.grad.add_(p, alpha=cfg.weight_decay)
         if cfg.clip_theta:
-            clip_gradients(params, cfg.clip_theta, lr)
+            clip_gradients(params, cfg.clip_theta, lr, count=False)
         self.scaler.step(self.opt)
         self.scaler.update()
         if self.distributed:
@@ -529,47 +531,46 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         last_metrics: dict[str, Any] = {}
-        if True:
-            while self.step < total:
-                if self._stop.is_set():
-                    break
-                ts = time.monotonic()
-                loss = self._train_step(self.step)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss} at step {self.step + 1} (learning rate {lr_at(cfg, self.step):g}); "
-                        "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
-                    )
-                self.step += 1
-                self.compute_seconds += time.monotonic() - ts
-                ev = TrainEvent("step", self.step, total, loss=loss, lr=lr_at(cfg, self.step - 1), elapsed=time.monotonic() - t0)
-                if self.step % 10 == 0 or self.step == total:
-                    self._log(ev)
-                yield ev
-                if self.val_items and self.is_main and (self.step % cfg.val_every == 0 or self.step == total):
-                    vp, bp, per = self._validate()
-                    last_metrics = {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step}
-                    if base_model_psnr is not None:
-                        last_metrics["base_model_psnr"] = base_model_psnr
-                    improved = vp > self.best
-                    if improved:
-                        self.best = vp
-                        self.best_path = self._export("best", last_metrics)
-                    vev = TrainEvent("val", self.step, total, val_psnr=vp, val_baseline_psnr=bp,
-                                     val_base_model_psnr=base_model_psnr, val_per_level=per,
-                                     best_psnr=self.best, elapsed=time.monotonic() - t0,
-                                     path=str(self.best_path) if improved and self.best_path else None)
-                    self._log(vev)
-                    yield vev
-                due = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or (
-                    time.monotonic() - last_ck >= cfg.checkpoint_minutes * 60
+        while self.step < total:
+            if self._stop.is_set():
+                break
+            ts = time.monotonic()
+            loss = self._train_step(self.step)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss} at step {self.step + 1} (learning rate {lr_at(cfg, self.step):g}); "
+                    "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
                 )
-                if due and self.out and self.step < total:
-                    p = self._checkpoint()
-                    last_ck = time.monotonic()
-                    cev = TrainEvent("checkpoint", self.step, total, elapsed=time.monotonic() - t0, path=str(p) if p else None)
-                    self._log(cev)
-                    yield cev
+            self.step += 1
+            self.compute_seconds += time.monotonic() - ts
+            ev = TrainEvent("step", self.step, total, loss=loss, lr=lr_at(cfg, self.step - 1), elapsed=time.monotonic() - t0)
+            if self.step % 10 == 0 or self.step == total:
+                self._log(ev)
+            yield ev
+            if self.val_items and self.is_main and (self.step % cfg.val_every == 0 or self.step == total):
+                vp, bp, per = self._validate()
+                last_metrics = {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step}
+                if base_model_psnr is not None:
+                    last_metrics["base_model_psnr"] = base_model_psnr
+                improved = vp > self.best
+                if improved:
+                    self.best = vp
+                    self.best_path = self._export("best", last_metrics)
+                vev = TrainEvent("val", self.step, total, val_psnr=vp, val_baseline_psnr=bp,
+                                 val_base_model_psnr=base_model_psnr, val_per_level=per,
+                                 best_psnr=self.best, elapsed=time.monotonic() - t0,
+                                 path=str(self.best_path) if improved and self.best_path else None)
+                self._log(vev)
+                yield vev
+            due = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or (
+                time.monotonic() - last_ck >= cfg.checkpoint_minutes * 60
+            )
+            if due and self.out and self.step < total:
+                p = self._checkpoint()
+                last_ck = time.monotonic()
+                cev = TrainEvent("checkpoint", self.step, total, elapsed=time.monotonic() - t0, path=str(p) if p else None)
+                self._log(cev)
+                yield cev
         # end of run (finished or stopped): checkpoint and export
         p = self._checkpoint()
         if self.out and self.is_main:

@@ -1,0 +1,36 @@
+"""Helpers shared by several test modules (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import torch
+
+from napari_vdsr.core.model import VDSR
+
+NO_DISPLAY_REASON = "no display: set DISPLAY or install Xvfb (pytest-xvfb starts it)"
+
+
+def no_display() -> bool:
+    """True where no GUI test can get a display (no DISPLAY/Wayland, no offscreen Qt, no Xvfb)."""
+    return (
+        sys.platform.startswith("linux")
+        and not os.environ.get("DISPLAY")
+        and not os.environ.get("WAYLAND_DISPLAY")
+        and os.environ.get("QT_QPA_PLATFORM") not in ("offscreen", "minimal")
+        and shutil.which("Xvfb") is None
+    )
+
+
+def busy_net(depth: int, width: int, seed: int = 0) -> VDSR:
+    """A tiny VDSR with a large residual (He-scale weights everywhere, positive biases),
+    so that every layer's padding and every tile border shows in the result."""
+    torch.manual_seed(seed)
+    net = VDSR(depth=depth, width=width)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels * 9)) ** 0.5)
+            torch.nn.init.normal_(m.bias, 0.02, 0.02)
+    return net.eval()
