@@ -14,6 +14,8 @@ its peak RSS is its own):
 * the ratio to the roofline: throughput x FLOP/px / sgemm FLOP/s (1.0 = the network
   runs as fast as a plain matrix product would allow);
 * tiled / untiled time ratio and the halo work ratio sum(tile crops) / output pixels;
+* with ``--unstreamed``, each tile size again with row streaming off (see
+  ``napari_vdsr.core.stream``) for the speed-up it brings;
 * peak RSS of each variant's process (it includes the Python + torch baseline,
   measured alone as ``baseline``).
 
@@ -151,6 +153,8 @@ def child(cfg: dict) -> dict:
 
 def run_child(cfg: dict) -> dict:
     env = dict(os.environ)
+    if cfg.get("nostream"):
+        env["NAPARI_VDSR_NO_STREAM"] = "1"
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                          env=env)
     if out.returncode != 0:
@@ -180,6 +184,9 @@ def main(argv=None) -> int:
                     help="restore(amp=True): bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16; the ratios "
                          "then use the bf16 matmul rate as the roofline (the fp32 ratio is printed too)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain whole-image forward")
+    ap.add_argument("--unstreamed", action="store_true",
+                    help="also run every tile size with row streaming off (NAPARI_VDSR_NO_STREAM=1) for a "
+                         "side-by-side ratio (CPU float32 only)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time to report: wall (default) or process CPU time -- with --threads 1 the CPU time "
                          "is the fairer figure on a machine that other jobs keep busy")
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
           f"({flops_px / 1e6:.3f} MFLOP/px)", flush=True)
 
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
-    gflops = sgemm_gflops(a.gemm_size, 3, dev, clock)
+    gflops = sgemm_gflops(a.gemm_size, 5, dev, clock)
     limit = gflops * 1e9 / flops_px / 1e6
     print(f"sgemm {a.gemm_size}x{a.gemm_size}: {gflops:.1f} GFLOP/s → roofline {limit:.4f} Mpx/s "
           f"({a.clock} clock)", flush=True)
@@ -237,7 +244,7 @@ def main(argv=None) -> int:
         r["mpx_s"], r["roofline"] = mpx, mpx / limit
         r["fp32_roofline"] = mpx / fp32_limit
         fp32 = f" (fp32 roofline {mpx / fp32_limit:.3f})" if limit != fp32_limit else ""
-        print(f"{name:<13} {r['seconds']:8.2f} s ({a.clock}; wall {r['wall_s']:.2f} s)  {mpx:.4f} Mpx/s  "
+        print(f"{name:<24} {r['seconds']:8.2f} s ({a.clock}; wall {r['wall_s']:.2f} s)  {mpx:.4f} Mpx/s  "
               f"roofline {mpx / limit:.3f}{fp32}  peak RSS {r['rss_mib']:6.0f} MiB{extra}", flush=True)
 
     for t in tiles:
@@ -245,6 +252,10 @@ def main(argv=None) -> int:
         r["halo_work"] = halo_work_ratio((oh, ow), t, net.depth)
         results[f"tile {t}"] = r
         report(f"tile {t}", r, f"  halo work ratio {r['halo_work']:.3f}")
+        if a.unstreamed:
+            u = run_child({**base, "mode": "tiled", "tile": t, "nostream": True})
+            results[f"tile {t} unstreamed"] = u
+            report(f"tile {t} (no streaming)", u, f"  streamed is {u['seconds'] / r['seconds']:.3f}x faster")
     if not a.no_untiled:
         results["untiled"] = run_child({**base, "mode": "untiled"})
         report("untiled", results["untiled"])
@@ -263,7 +274,7 @@ def main(argv=None) -> int:
         if line.endswith(":"):
             continue
         print(line, flush=True)
-    gflops_after = sgemm_gflops(a.gemm_size, 3, dev, clock)
+    gflops_after = sgemm_gflops(a.gemm_size, 5, dev, clock)
     print(f"sgemm again after the runs: {gflops_after:.1f} GFLOP/s (a large change means the machine was busy)",
           flush=True)
     if a.json:

@@ -258,7 +258,7 @@ def test_dask_and_arraylike_input():
         (np.zeros((3, 8, 8), np.uint8), {"axes": "YX"}, ["3 axes", "one letter per axis"]),
         (np.zeros((8, 8, 5), np.uint8), {"axes": "YXS"}, ["not 3 or 4", "call it C"]),
         (np.zeros((8, 8), np.uint8), {"axes": 3}, ["string"]),
-        (np.zeros((8, 8), np.uint8), {"tile": 8}, ["at least 16", "512"]),
+        (np.zeros((8, 8), np.uint8), {"tile": 8}, ["at least 16", "1024"]),
         (np.zeros((8, 8), np.uint8), {"task": "deblur"}, ["unknown task", "sr, denoise, deblock"]),
         (np.zeros((2, 8, 8), np.uint8), {"planes": [2]}, ["out of range", "0..1"]),
         (np.zeros((8, 8), np.uint8), {"device": "tpu"}, ["unknown device", "cpu"]),

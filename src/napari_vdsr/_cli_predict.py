@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from .core.constants import DEFAULT_TILE
+
 __all__ = ["register", "cmd_predict", "cmd_models", "output_name"]
 
 _TASK_SUFFIX = {"denoise": "denoised", "deblock": "deblocked"}
@@ -72,9 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="bundled model name, .safetensors file or training run directory (default: the bundled "
                         "model for the task; see `napari-vdsr models`)")
-    p.add_argument("--tile", type=int, default=512, metavar="N",
-                   help="tile size in pixels (default 512; smaller uses less memory; results agree to float rounding); "
-                        "also the block size of streamed outputs (zarr chunks, TIFF strips)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="N",
+                   help=f"tile size in pixels (default {DEFAULT_TILE}; smaller uses less memory; results agree to "
+                        "float rounding); also the block size of streamed outputs (zarr chunks, TIFF strips)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-amp", action="store_true", help="CUDA: compute in float32 instead of bfloat16 autocast")
     p.add_argument("--bf16", action="store_true",
@@ -310,7 +312,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             print(f"napari-vdsr: note: --scale is ignored for --task {a.task}", file=sys.stderr)
         scale = (1.0, 1.0)
     if a.tile < 16:
-        raise InputError(f"--tile must be at least 16 px, got {a.tile}; 512 is a good default.")
+        raise InputError(f"--tile must be at least 16 px, got {a.tile}; {DEFAULT_TILE} is a good default.")
     if not 1 <= a.jpeg_quality <= 100:
         raise InputError(f"--jpeg-quality must be in 1..100, got {a.jpeg_quality}.")
     device = resolve_device(a.device)

@@ -35,7 +35,7 @@ from magicgui.widgets import (
 
 from ..core.errors import VDSRError
 from ..core.restore import infer_axes, output_shape, restore_iter
-from ..core.tiling import MIN_TILE
+from ..core.constants import DEFAULT_TILE, MIN_TILE
 from ..core.weights import TASK_LABELS, default_model_name, list_models, read_card, resolve_model_path
 from ._geometry import LayerSnapshot, output_layer_kwargs
 
@@ -173,7 +173,7 @@ class RestoreWidget(Container):
             "(e.g. fine-tuned ones), or a .safetensors file."
         )
         self._model_file = FileEdit(label="model file", name="model_file", mode="r", filter="*.safetensors", visible=False)
-        self._tile = SpinBox(label="tile size", name="tile", min=MIN_TILE, max=8192, step=64, value=512)
+        self._tile = SpinBox(label="tile size", name="tile", min=MIN_TILE, max=8192, step=64, value=DEFAULT_TILE)
         self._tile.tooltip = "Tiles of this many pixels (plus a halo) are processed at a time; smaller = less memory."
         self._device = ComboBox(label="device", name="device", choices=list(DEVICES), value="auto")
         self._device.tooltip = "auto = CUDA if available, else Apple MPS, else CPU."

@@ -44,7 +44,7 @@ import torch
 
 from .errors import InputError
 from .restore import _BoxEngine, _intensity, _is_dask, _Job, _prepare
-from .tiling import cpu_allocation_tuning, halo_for, prepare_net
+from .tiling import DEFAULT_TILE, cpu_allocation_tuning, halo_for, prepare_net
 
 __all__ = ["restore_dask", "DEFAULT_CHUNK"]
 
@@ -199,7 +199,7 @@ def restore_dask(
     model: Any = None,
     axes: Optional[str] = None,
     rgb: Optional[bool] = None,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     device: str | torch.device = "auto",
     amp: Optional[bool] = None,
 ):

@@ -46,6 +46,7 @@ import torch
 
 from .errors import Cancelled, InputError, ModelError
 from .tiling import (
+    DEFAULT_TILE,
     MIN_TILE,
     cpu_allocation_tuning,
     forward_crop,
@@ -450,7 +451,8 @@ class _Job:
 
 def _check_tile(value: Any, what: str = "tile size") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < MIN_TILE:
-        raise InputError(f"{what} must be an integer of at least {MIN_TILE} px, got {value!r}; 512 is a good default.")
+        raise InputError(f"{what} must be an integer of at least {MIN_TILE} px, got {value!r}; "
+                         f"{DEFAULT_TILE} is a good default.")
     return int(value)
 
 
@@ -724,7 +726,7 @@ def restore_blocks(
     model: Any = None,
     axes: Optional[str] = None,
     rgb: Optional[bool] = None,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     device: str | torch.device = "auto",
     planes: Optional[Sequence[int]] = None,
     block: Optional[int] = None,
@@ -787,7 +789,7 @@ def restore_iter(
     model: Any = None,
     axes: Optional[str] = None,
     rgb: Optional[bool] = None,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     device: str | torch.device = "auto",
     planes: Optional[Sequence[int]] = None,
     amp: Optional[bool] = None,
@@ -832,7 +834,7 @@ def restore(
     model: Any = None,
     axes: Optional[str] = None,
     rgb: Optional[bool] = None,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     device: str | torch.device = "auto",
     planes: Optional[Sequence[int]] = None,
     progress: Optional[Callable[[int, int], Any]] = None,

@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .constants import DEFAULT_TILE, MIN_TILE
+
 __all__ = [
     "MIN_TILE",
+    "DEFAULT_TILE",
     "BATCH_PIXELS",
     "halo_for",
     "split_axis",
@@ -41,12 +44,11 @@ __all__ = [
     "predict_plane_iter",
     "predict_plane",
     "forward_crop",
+    "run_net",
     "is_out_of_memory",
     "trim_heap",
 ]
 
-#: Smallest accepted tile (interior) size in pixels.
-MIN_TILE = 16
 #: Small tiles of equal shape are stacked into one forward pass up to this many pixels.
 BATCH_PIXELS = 512 * 512
 
@@ -200,7 +202,7 @@ def predict_plane_iter(
     net: nn.Module,
     plane: np.ndarray,
     out: np.ndarray,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     halo: Optional[int] = None,
     device: torch.device | str = "cpu",
     amp: Optional[bool | torch.dtype] = None,
@@ -268,12 +270,21 @@ def _run_groups(net, plane, out, groups, device, amp_dtype, mf, batch_pixels) ->
             ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
             # grad / autocast modes are thread-local: entered per forward, never across a yield
             with torch.inference_mode(), ctx:
-                res = net(t)
+                res = run_net(net, t)
                 res = res.float()[:, 0].cpu().numpy()
             for k, ((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)) in enumerate(chunk):
                 out[y0:y1, x0:x1] = res[k, y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
             done += len(chunk)
             yield done
+
+
+def run_net(net: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``net(t)``; on the CPU in float32 a VDSR runs row-streamed (:mod:`.stream`, same result, faster)."""
+    from .stream import stream_forward, streamable
+
+    if streamable(net, t):
+        return stream_forward(net, t)
+    return net(t)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -307,14 +318,14 @@ def forward_crop(
     t = t.to(device, non_blocking=True).contiguous(memory_format=mf)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with torch.inference_mode(), ctx:
-        res = net(t)
+        res = run_net(net, t)
         return res.float()[0, 0].cpu().numpy()
 
 
 def predict_plane(
     net: nn.Module,
     plane: np.ndarray,
-    tile: int = 512,
+    tile: int = DEFAULT_TILE,
     halo: Optional[int] = None,
     device: torch.device | str = "cpu",
     amp: Optional[bool | torch.dtype] = None,

@@ -1,0 +1,132 @@
+"""Row-streamed CPU inference gives the plain forward pass's result and is used only where it applies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import busy_net
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from napari_vdsr.core import stream
+from napari_vdsr.core.model import VDSR
+from napari_vdsr.core.restore import restore
+from napari_vdsr.core.stream import band_rows, stream_forward, streamable
+
+torch.set_num_threads(1)
+NET = busy_net(depth=6, width=6)
+
+
+def plain(net, x):
+    with torch.inference_mode():
+        return net(x)
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "conv2d"])
+def conv_path(request, monkeypatch):
+    """Run a test with oneDNN's fused operator and with the conv2d + copy fallback."""
+    if request.param and not stream._fused_available():
+        pytest.skip("this PyTorch has no mkldnn::_convolution_pointwise_ operator")
+    monkeypatch.setattr(stream, "_fused_ok", request.param)
+    return request.param
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 3), h=st.integers(1, 70), w=st.integers(1, 40), band=st.one_of(st.none(), st.integers(1, 30)))
+def test_streamed_equals_plain_forward(conv_path, n, h, w, band):
+    x = torch.from_numpy(np.random.default_rng(h * 100 + w).random((n, 1, h, w), dtype=np.float32))
+    ref = plain(NET, x)
+    with torch.inference_mode():
+        out = stream_forward(NET, x, band)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_streamed_default_vdsr_large_plane(conv_path):
+    torch.manual_seed(1)
+    net = VDSR().eval()
+    torch.nn.init.normal_(net.body[-1].weight, 0.0, 0.02)  # a visible residual
+    x = torch.rand(1, 1, 150, 97)
+    with torch.inference_mode():
+        out = stream_forward(net, x, band=16)  # bands shorter than the net is deep
+    ref = plain(net, x)
+    assert (ref - x).abs().max() > 1e-2
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_input_is_not_modified():
+    x = torch.rand(1, 1, 40, 30)
+    before = x.clone()
+    with torch.inference_mode():
+        stream_forward(NET, x, 8)
+    assert torch.equal(x, before)
+
+
+def test_band_rows_targets_a_fixed_pixel_count():
+    assert band_rows(1024) == stream.STREAM_PIXELS // 1024
+    assert band_rows(10) == 128 and band_rows(100_000) == 8
+
+
+class OwnForward(VDSR):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grad", "float64", "hook", "own_forward", "other_module", "env", "bf16_autocast"],
+)
+def test_streamable_only_where_it_gives_the_same_result(case, monkeypatch):
+    net, x = busy_net(depth=4, width=4), torch.rand(1, 1, 8, 8)
+    ok = {"v": None}
+
+    def check():
+        ok["v"] = streamable(net, x)
+
+    with torch.inference_mode():
+        assert streamable(net, x)
+    if case == "grad":
+        check()  # grad mode on (the default)
+    else:
+        with torch.inference_mode():
+            if case == "float64":
+                x = x.double()
+            elif case == "hook":
+                net.body[2].register_forward_hook(lambda *a: None)
+            elif case == "own_forward":
+                net = OwnForward(depth=4, width=4).eval()
+            elif case == "other_module":
+                net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1))
+            elif case == "env":
+                monkeypatch.setenv("NAPARI_VDSR_NO_STREAM", "1")
+            if case == "bf16_autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    check()
+            else:
+                check()
+    assert ok["v"] is False
+
+
+def test_restore_streams_on_cpu_and_matches_unstreamed(monkeypatch):
+    calls = []
+    real = stream.stream_forward
+
+    def spy(net, x, band=None):
+        calls.append(tuple(x.shape))
+        return real(net, x, band)
+
+    monkeypatch.setattr(stream, "stream_forward", spy)
+    img = np.random.default_rng(0).random((90, 70)).astype(np.float32)
+    out = restore(img, task="denoise", model=NET, tile=48, device="cpu")
+    assert len(calls) >= 4  # one per tile
+    monkeypatch.setenv("NAPARI_VDSR_NO_STREAM", "1")
+    n = len(calls)
+    ref = restore(img, task="denoise", model=NET, tile=48, device="cpu")
+    assert len(calls) == n  # streaming off: plain forward passes
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+def test_not_a_vdsr_is_refused():
+    with pytest.raises(ValueError, match="VDSR"):
+        stream_forward(torch.nn.Conv2d(1, 1, 3, padding=1), torch.rand(1, 1, 4, 4))
