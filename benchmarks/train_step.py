@@ -3,11 +3,15 @@
 Prints the measured time of one optimisation step (forward + backward + update) of
 VDSR on a batch of patches, and the ratio ideal / measured where
 ideal = 3 x forward FLOPs / sgemm rate measured in the same run
-(backward costs about twice the forward).
+(backward costs about twice the forward).  Variants, each timed in the same run:
+
+* ``fp32 plain``: NCHW layout, the whole batch in one forward/backward (the usual loop);
+* ``fp32 engine``: what ``napari_vdsr.core.train`` does in float32 -- channels_last and,
+  on the CPU, gradient accumulation over chunks of ~27k pixels (``--micro-batch``);
+* ``bf16 engine`` (CPUs with AMX/AVX512-BF16) or ``autocast`` (CUDA): the engine's default
+  mixed precision, naming the card on CUDA.
 
     python benchmarks/train_step.py [--batch 64] [--patch 41] [--steps 5] [--device cpu|cuda]
-
-On CUDA it also compares fp32 against autocast (bf16/fp16) + channels_last, naming the card.
 """
 
 from __future__ import annotations
@@ -23,22 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, sgemm_gflops  # noqa: E402
 
 from napari_vdsr.core.model import VDSR  # noqa: E402
-from napari_vdsr.core.train import clip_gradients  # noqa: E402
+from napari_vdsr.core.train import MICRO_BATCH_PIXELS, clip_gradients  # noqa: E402
 
 
-def time_steps(model, x, y, steps, amp_dtype=None, channels_last=False) -> float:
+def time_steps(model, x, y, steps, amp_dtype=None, channels_last=False, micro=None) -> float:
     dev = x.device
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    n = x.shape[0]
+    micro = micro or n
 
     def one():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(x)
-        loss = 0.5 * (out.float() - y).pow(2).sum() / x.shape[0]
-        loss.backward()
+        for i in range(0, n, micro):
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(x[i : i + micro])
+            loss = 0.5 * (out.float() - y[i : i + micro]).pow(2).sum() / n
+            loss.backward()
         clip_gradients(model.parameters(), 0.01, 0.01)
         opt.step()
 
@@ -62,30 +69,44 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="chunk size of the engine variant (default: the engine's automatic choice)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    model = VDSR().to(dev)
+    torch.manual_seed(0)
     x = torch.rand(a.batch, 1, a.patch, a.patch, device=dev)
     y = torch.rand_like(x)
-    fwd_flops = model.flops_per_pixel() * a.batch * a.patch * a.patch
-    gf = sgemm_gflops(device=a.device)
-    ideal = 3 * fwd_flops / (gf * 1e9)
+    fwd_flops = VDSR().flops_per_pixel() * a.batch * a.patch * a.patch
+    if a.micro_batch:
+        micro = a.micro_batch
+    elif dev.type == "cpu":
+        micro = max(1, min(a.batch, MICRO_BATCH_PIXELS // (a.patch * a.patch)))
+    else:
+        micro = a.batch
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}")
     print(f"batch {a.batch} x {a.patch}x{a.patch}: forward {fwd_flops / 1e9:.1f} GFLOP, step ~{3 * fwd_flops / 1e9:.1f} GFLOP")
+    gf = sgemm_gflops(device=a.device)
+    ideal = 3 * fwd_flops / (gf * 1e9)
     print(f"sgemm (fp32, same run): {gf:.1f} GFLOP/s  -> ideal step {ideal:.3f} s")
-    t = time_steps(model, x, y, a.steps)
-    print(f"fp32 step: {t:.3f} s  ({3 * fwd_flops / t / 1e9:.1f} GFLOP/s)  ideal/measured = {ideal / t:.3f}")
+    t0 = time_steps(VDSR().to(dev), x, y, a.steps)
+    print(f"fp32 plain (NCHW, whole batch): {t0:.3f} s  ideal/measured = {ideal / t0:.3f}")
+    t = time_steps(VDSR().to(dev), x, y, a.steps, channels_last=True, micro=micro)
+    print(f"fp32 engine (channels_last, chunks of {micro}): {t:.3f} s  ({3 * fwd_flops / t / 1e9:.1f} GFLOP/s)  "
+          f"ideal/measured = {ideal / t:.3f}  (x{t0 / t:.2f} vs plain)")
+    gf_after = sgemm_gflops(device=a.device)
+    print(f"sgemm again: {gf_after:.1f} GFLOP/s (ideal/measured with it: {3 * fwd_flops / gf_after / 1e9 / t:.3f})")
     from napari_vdsr.core.device import cpu_has_fast_bf16
 
     if dev.type == "cpu" and cpu_has_fast_bf16():  # the engine's default on such CPUs
-        t2 = time_steps(VDSR().to(dev), x, y, a.steps, amp_dtype=torch.bfloat16, channels_last=True)
+        t2 = time_steps(VDSR().to(dev), x, y, a.steps, amp_dtype=torch.bfloat16, channels_last=True, micro=micro)
         gf16 = sgemm_gflops(device=a.device, dtype=torch.bfloat16)
         print(f"CPU with native bf16: bf16 gemm {gf16:.1f} GFLOP/s")
-        print(f"autocast bf16 + channels_last step (the engine's default here): {t2:.3f} s  x{t / t2:.2f} vs fp32; "
-              f"fp32-ideal/measured = {ideal / t2:.3f}; ratio to bf16 peak = {3 * fwd_flops / t2 / 1e9 / gf16:.3f}")
+        print(f"bf16 engine (autocast, channels_last, chunks of {micro}; the default here): {t2:.3f} s  "
+              f"x{t / t2:.2f} vs fp32 engine; fp32-ideal/measured = {ideal / t2:.3f}; "
+              f"ratio to bf16 peak = {3 * fwd_flops / t2 / 1e9 / gf16:.3f}")
     if dev.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         t2 = time_steps(VDSR().to(dev), x, y, a.steps, amp_dtype=amp, channels_last=True)

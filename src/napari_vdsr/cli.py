@@ -38,6 +38,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--quality-range", type=int, nargs=2, metavar=("A", "B"), default=d.quality_range, help="JPEG quality range (deblock)")
     p.add_argument("--iterations", type=int, default=d.iterations)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--micro-batch", type=int, default=None, metavar="M",
+                   help="accumulate gradients over chunks of M patches per step (default: automatic -- chunks of "
+                        "about 27k pixels on the CPU, where their feature maps stay in cache; none on GPUs)")
     p.add_argument("--patch-size", type=int, default=d.patch_size)
     if not finetune:
         p.add_argument("--depth", type=int, default=d.depth)
@@ -96,7 +99,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         data=[str(x) for x in data], task=a.task, scales=scales, scale_range=tuple(a.scale_range) if a.scale_range else None,
         sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
         photon_range=tuple(a.photon_range), read_noise=a.read_noise, iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
-        optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
+        micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
         val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
@@ -172,7 +175,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(include={
-        "iterations", "batch_size", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
+        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
         "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_every", "val_crop",
         "checkpoint_minutes", "checkpoint_every", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
         "scale_range",

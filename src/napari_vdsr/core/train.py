@@ -12,6 +12,7 @@ of a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,12 @@ __all__ = ["TrainConfig", "TrainEvent", "Trainer", "train", "clip_gradients", "l
 
 CHECKPOINT_NAME = "checkpoint.pt"
 DEFAULT_LEVELS = {"sr": [2.0, 3.0, 4.0], "denoise": [15.0, 25.0, 50.0], "deblock": [10.0, 20.0, 30.0, 40.0]}
+
+
+#: Pixels per gradient-accumulation chunk on the CPU when ``micro_batch`` is None (16 patches
+#: of 41²): a batch-64 float32 step ran at 0.71 of the sgemm ideal in one piece, 0.85 in
+#: chunks of 16 (benchmarks/train_step.py), because the chunk's feature maps stay in cache.
+MICRO_BATCH_PIXELS = 16 * 41 * 41
 
 
 class TrainConfig(BaseModel):
@@ -69,6 +76,11 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     amp: bool = Field(True, description="mixed precision on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16)")
+    micro_batch: Optional[int] = Field(
+        None, ge=1,
+        description="split every step's batch into chunks of this many patches and sum their gradients (same "
+                    "step, less memory); None = automatic: chunks of about MICRO_BATCH_PIXELS pixels on the CPU, "
+                    "whose activations stay in cache (1.2x faster per step measured), no split on GPUs")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     val_every: int = Field(250, ge=1)
     val_crop: int = Field(192, ge=16)
@@ -336,7 +348,7 @@ class Trainer:
         else:
             self.model = VDSR(cfg.depth, cfg.width)
         self.model.to(self.device)
-        if self.device.type == "cuda":
+        if self.device.type in ("cuda", "cpu"):  # cuDNN and oneDNN both prefer NHWC (CPU step: 1.2x)
             self.model = self.model.to(memory_format=torch.channels_last)
         self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.init_from else None
 
@@ -387,10 +399,18 @@ class Trainer:
         t_in, t_tg = torch.from_numpy(inp), torch.from_numpy(tgt)
         if self.device.type == "cuda":
             t_in, t_tg = t_in.pin_memory(), t_tg.pin_memory()
-            mf = torch.channels_last
-            return (t_in.to(self.device, non_blocking=True).contiguous(memory_format=mf),
-                    t_tg.to(self.device, non_blocking=True).contiguous(memory_format=mf))
-        return t_in.to(self.device), t_tg.to(self.device)
+        mf = torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+        return (t_in.to(self.device, non_blocking=True).contiguous(memory_format=mf),
+                t_tg.to(self.device, non_blocking=True).contiguous(memory_format=mf))
+
+    def micro_batch_size(self) -> int:
+        """Patches per gradient-accumulation chunk (see ``TrainConfig.micro_batch``)."""
+        cfg = self.config
+        if cfg.micro_batch:
+            return min(cfg.micro_batch, self.local_batch)
+        if self.device.type != "cpu":
+            return self.local_batch
+        return max(1, min(self.local_batch, MICRO_BATCH_PIXELS // (cfg.patch_size * cfg.patch_size)))
 
     def _train_step(self, step: int) -> float:
         cfg = self.config
@@ -400,13 +420,22 @@ class Trainer:
         x, y = self._batch(step)
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.net(x)
-        diff = out.float() - y
-        # the paper's objective: 1/2 ||y - F(x)||^2, summed over pixels, averaged over the batch
-        loss = 0.5 * diff.pow(2).sum() / x.shape[0]
-        mse = diff.detach().pow(2).mean()
-        self.scaler.scale(loss).backward()
+        n = x.shape[0]
+        chunk = self.micro_batch_size()
+        sq = torch.zeros((), device=self.device)
+        for i in range(0, n, chunk):
+            last = i + chunk >= n
+            # DDP: gradients are averaged across processes once, on the last chunk
+            sync = self.net.no_sync() if self.distributed and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    out = self.net(x[i : i + chunk])
+                diff = out.float() - y[i : i + chunk]
+                # the paper's objective: 1/2 ||y - F(x)||^2, summed over pixels, averaged over the batch
+                loss = 0.5 * diff.pow(2).sum() / n
+                sq += diff.detach().pow(2).sum()
+                self.scaler.scale(loss).backward()
+        mse = sq / y.numel()
         self.scaler.unscale_(self.opt)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.weight_decay and cfg.optimizer == "sgd":
