@@ -85,6 +85,36 @@ def test_sgd_update_respects_theta(lr: float, image_dir: Path) -> None:
     assert deltas.abs().max().item() == pytest.approx(theta, rel=1e-4)
 
 
+def test_micro_batches_accumulate_the_whole_batch_gradient(image_dir: Path) -> None:
+    results = {}
+    for micro in (None, 1, 3):
+        cfg = _cfg(None, [str(image_dir)], optimizer="sgd", lr=1e-3, momentum=0.0, iterations=1,
+                   lr_schedule="constant", val_fraction=0.0, micro_batch=micro, amp=False)
+        tr = Trainer(cfg)
+        tr._setup()
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        mse = tr._train_step(0)
+        delta = torch.cat([(tr.model.state_dict()[k] - before[k]).flatten() for k in before])
+        results[micro] = (tr.micro_batch_size(), mse, delta)
+    assert [results[m][0] for m in (None, 1, 3)] == [4, 1, 3]  # batch 4 of 16² patches: no split by default
+    whole = results[None][2]
+    assert whole.abs().max() > 1e-5  # the step moved the weights
+    for micro in (1, 3):
+        assert results[micro][1] == pytest.approx(results[None][1], rel=1e-5)
+        torch.testing.assert_close(results[micro][2], whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+def test_automatic_micro_batch_keeps_chunks_cache_sized(image_dir: Path) -> None:
+    from napari_vdsr.core.train import MICRO_BATCH_PIXELS
+
+    tr = Trainer(_cfg(None, [str(image_dir)], batch_size=64, patch_size=41, val_fraction=0.0))
+    tr._setup()
+    assert tr.micro_batch_size() == MICRO_BATCH_PIXELS // (41 * 41) == 16
+    tr = Trainer(_cfg(None, [str(image_dir)], batch_size=8, patch_size=41, val_fraction=0.0, micro_batch=100))
+    tr._setup()
+    assert tr.micro_batch_size() == 8  # never more than the batch
+
+
 def test_lr_schedule_is_pure_function_of_step() -> None:
     cfg = TrainConfig(iterations=100, lr=0.1, lr_schedule="step", lr_step=20, lr_gamma=0.1)
     assert lr_at(cfg, 0) == pytest.approx(0.1)
@@ -146,7 +176,7 @@ def test_cli_train_then_resume_equals_straight(image_dir: Path, tmp_path: Path) 
     common = ["train", "--data", str(image_dir), "--scales", "2", "--batch-size", "4", "--patch-size", "16",
               "--depth", "3", "--width", "8", "--optimizer", "sgd", "--lr", "0.01", "--clip-theta", "0.001",
               "--lr-schedule", "step", "--lr-step", "15", "--val-every", "10", "--val-crop", "32",
-              "--device", "cpu", "--quiet", "--seed", "1"]
+              "--device", "cpu", "--quiet", "--seed", "1", "--micro-batch", "2"]
     assert cli_main(common + ["--iterations", "40", "--out", str(tmp_path / "a")]) == 0
     assert cli_main(common + ["--iterations", "20", "--out", str(tmp_path / "b")]) == 0
     assert cli_main(common + ["--iterations", "40", "--out", str(tmp_path / "b"), "--resume"]) == 0
