@@ -15,8 +15,9 @@ baseline of a process that only imports torch and loads the model.  ``/usr/bin/t
 
 The model is the bundled default (20 layers) unless ``--depth`` asks for a randomly
 initialised VDSR of that depth with 64 channels: the peak memory of a forward pass
-depends on the tile and the width, not on the depth, so ``--depth 3`` measures the
-same memory in a fraction of the time (say so when you report such a figure).
+depends on the tile and the width, not on the depth (on the CPU, where the network runs
+row-streamed, on the band rather than the tile), so ``--depth 3`` measures about the same
+memory in a fraction of the time (say so when you report such a figure).
 
 Example::
 
@@ -37,6 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from napari_vdsr.core.constants import DEFAULT_TILE
 
 
 def smooth_image(size: int, seed: int = 0) -> np.ndarray:
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="input side in pixels (default 2048)")
     ap.add_argument("--scale", type=float, default=2.0, help="SR factor (default 2)")
-    ap.add_argument("--tile", type=int, default=512, help="tile size (default 512)")
+    ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile size (default {DEFAULT_TILE}, the CLI's)")
     ap.add_argument("--depth", type=int, default=None,
                     help="random VDSR of this depth, width 64, instead of the bundled model (same memory, faster)")
     ap.add_argument("--formats", nargs="+", default=["zarr"], choices=["zarr", "ome.tif", "npy"],
