@@ -11,8 +11,8 @@ padding would add.  The arithmetic per output pixel is the same as in the plain
 forward pass (tests compare the two), only the order of work changes, and the
 activations of one band (two buffers of ``band x W x 64`` floats) stay in cache.
 
-Measured on a 2-core AVX-512 Xeon (``benchmarks/throughput.py``): 1.15-1.3x faster than
-the plain forward pass of the same tile, and the activation memory of a tile shrinks
+Measured on a 2-core AVX-512 Xeon (``benchmarks/throughput.py --unstreamed``): faster than
+the plain forward pass of the same tile (1.06-1.13x at tile 1024), and the activation memory of a tile shrinks
 from ``2 x H x W x 64`` floats to a few bands.
 
 Only for float32 on the CPU, for :class:`~.model.VDSR` networks without hooks (subclasses
