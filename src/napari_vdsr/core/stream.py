@@ -200,7 +200,7 @@ def stream_forward(net: nn.Module, x: torch.Tensor, band: Optional[int] = None) 
                     buf, rows_new = nxt, n_out
                 else:
                     y = F.conv2d(inp, cv.weight, cv.bias, padding=(0, 1))
-                    if getattr(net, "residual", True):
+                    if net.residual:
                         y = y + x[:, :, pos : pos + n_out]
                     out[:, :, pos : pos + n_out] = y
                     pos += n_out

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .constants import DEFAULT_TILE, MIN_TILE
+from .device import memory_format
 
 __all__ = [
     "MIN_TILE",
@@ -117,10 +118,7 @@ def prepare_net(net: nn.Module, device: torch.device | str) -> nn.Module:
     import copy
 
     device = torch.device(device)
-    net = copy.deepcopy(net).to(device).eval()
-    if device.type in ("cpu", "cuda"):
-        net = net.to(memory_format=torch.channels_last)
-    return net
+    return copy.deepcopy(net).to(device).eval().to(memory_format=memory_format(device))
 
 
 _libc = None
@@ -245,7 +243,7 @@ def predict_plane_iter(
     halo = halo_for(net) if halo is None else int(halo)
     device = torch.device(device)
     amp_dtype = _amp_dtype(device, amp)
-    mf = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    mf = memory_format(device)
 
     # group tiles by the shape of their (halo-extended, bound-cropped) crop so that equal
     # crops can share a forward pass
@@ -313,7 +311,7 @@ def forward_crop(
     """
     device = torch.device(device)
     amp_dtype = _amp_dtype(device, amp)
-    mf = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    mf = memory_format(device)
     t = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
     t = t.to(device, non_blocking=True).contiguous(memory_format=mf)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .data import PatchSampler, Plane, load_planes, make_validation, split_validation
-from .device import resolve_device
+from .device import memory_format, resolve_device
 from .errors import TrainingError
 from .model import VDSR
 
@@ -348,8 +348,7 @@ class Trainer:
         else:
             self.model = VDSR(cfg.depth, cfg.width)
         self.model.to(self.device)
-        if self.device.type in ("cuda", "cpu"):  # cuDNN and oneDNN both prefer NHWC (CPU step: 1.2x)
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=memory_format(self.device))  # NHWC on CPU/CUDA (CPU step: 1.2x)
         self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.init_from else None
 
         params = [p for p in self.model.parameters()]
@@ -399,7 +398,7 @@ class Trainer:
         t_in, t_tg = torch.from_numpy(inp), torch.from_numpy(tgt)
         if self.device.type == "cuda":
             t_in, t_tg = t_in.pin_memory(), t_tg.pin_memory()
-        mf = torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+        mf = memory_format(self.device)
         return (t_in.to(self.device, non_blocking=True).contiguous(memory_format=mf),
                 t_tg.to(self.device, non_blocking=True).contiguous(memory_format=mf))
 
