@@ -172,6 +172,55 @@ def test_resume_is_bit_exact(image_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
 
 
+def test_worker_processes_give_the_same_run(image_dir: Path, tmp_path: Path) -> None:
+    """Batches drawn ahead in worker processes are the in-process batches: same weights, same resume."""
+    from napari_vdsr.core.train import BatchPrefetcher
+
+    plain = tmp_path / "plain"
+    list(train(_cfg(plain, [str(image_dir)], iterations=30)))
+    split = tmp_path / "split"
+    tr = Trainer(_cfg(split, [str(image_dir)], iterations=30, workers=2))
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 12:
+            tr.stop()
+    assert tr._prefetch is None  # the worker pool is shut down when the run ends
+    assert load_checkpoint(split)["step"] == 12
+    list(Trainer(_cfg(split, [str(image_dir)], iterations=30, workers=2), resume=True).run())
+    a, b = _weights(plain), _weights(split)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # the prefetcher hands out exactly the in-process batch of the step asked for, in any order
+    tr = Trainer(_cfg(None, [str(image_dir)]))
+    tr._setup()
+    pf = BatchPrefetcher(tr.sampler, 2, seed=3, rank=0, n=4, depth=3)
+    try:
+        for step in (0, 1, 5, 6):
+            got = pf.get(step)
+            want = tr.sampler.batch(np.random.default_rng([3, 0, step]), 4)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert not set(pf.pending) & {0, 1, 5, 6}
+    finally:
+        pf.close()
+
+
+def test_dead_worker_is_a_clear_training_error(image_dir: Path) -> None:
+    from napari_vdsr.core.train import BatchPrefetcher
+
+    tr = Trainer(_cfg(None, [str(image_dir)]))
+    tr._setup()
+    pf = BatchPrefetcher(tr.sampler, 1, seed=0, rank=0, n=2, depth=1)
+    try:
+        pf.get(0)
+        for p in pf.pool._processes.values():
+            p.kill()
+        with pytest.raises(TrainingError, match="worker process failed.*resume"):
+            for step in range(1, 5):
+                pf.get(step)
+    finally:
+        pf.close()
+
+
 def test_cli_train_then_resume_equals_straight(image_dir: Path, tmp_path: Path) -> None:
     common = ["train", "--data", str(image_dir), "--scales", "2", "--batch-size", "4", "--patch-size", "16",
               "--depth", "3", "--width", "8", "--optimizer", "sgd", "--lr", "0.01", "--clip-theta", "0.001",

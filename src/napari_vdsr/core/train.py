@@ -81,6 +81,11 @@ class TrainConfig(BaseModel):
         description="split every step's batch into chunks of this many patches and sum their gradients (same "
                     "step, less memory); None = automatic: chunks of about MICRO_BATCH_PIXELS pixels on the CPU, "
                     "whose activations stay in cache (1.2x faster per step measured), no split on GPUs")
+    workers: int = Field(
+        0, ge=0, le=64,
+        description="processes that draw training batches ahead of the step that uses them (0: in the training "
+                    "process). Every batch is a pure function of (seed, rank, step), so the result and exact resume "
+                    "do not depend on this; it matters on GPUs, where drawing patches is slower than the step")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     val_every: int = Field(250, ge=1)
     val_crop: int = Field(192, ge=16)
@@ -232,6 +237,64 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), ws, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+_WORKER_SAMPLER = None
+
+
+def _worker_init(sampler) -> None:
+    """Batch-drawing process: keep the sampler, one thread, and leave Ctrl-C to the trainer."""
+    import signal
+
+    global _WORKER_SAMPLER
+    _WORKER_SAMPLER = sampler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _draw_batch(seed: int, rank: int, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batch of ``step``: a pure function of (seed, rank, step) (same in any process)."""
+    return _WORKER_SAMPLER.batch(np.random.default_rng([seed, rank, step]), n)
+
+
+class BatchPrefetcher:
+    """Draw the batches of the next steps in ``workers`` processes while the current step runs.
+
+    ``get(step)`` returns exactly what ``sampler.batch(default_rng([seed, rank, step]), n)``
+    returns in-process, so training with and without workers is identical.
+    """
+
+    def __init__(self, sampler, workers: int, seed: int, rank: int, n: int, depth: Optional[int] = None) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork shares the training images with the workers instead of pickling them to each
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(sampler,))
+        self.seed, self.rank, self.n = seed, rank, n
+        self.depth = depth or 2 * workers
+        self.pending: dict[int, Any] = {}
+
+    def get(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        for k in list(self.pending):
+            if k < step:  # a step was skipped (should not happen): drop its batch
+                self.pending.pop(k).cancel()
+        for k in range(step, step + self.depth):
+            if k not in self.pending:
+                self.pending[k] = self.pool.submit(_draw_batch, self.seed, self.rank, k, self.n)
+        try:
+            return self.pending.pop(step).result()
+        except Exception as exc:  # a worker died (killed, out of memory): say so, the checkpoint is kept
+            raise TrainingError(
+                f"a batch-drawing worker process failed ({type(exc).__name__}: {exc}); resume the run, "
+                "with fewer --workers if memory is short."
+            ) from exc
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Trainer:
     """One training run.  Iterate :meth:`run` (or call :func:`train`) to make progress.
 
@@ -270,6 +333,7 @@ class Trainer:
         self.out = Path(config.out) if config.out else None
         self.best_path: Optional[Path] = None
         self.history: list[dict[str, Any]] = []
+        self._prefetch: Optional[BatchPrefetcher] = None
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -326,6 +390,9 @@ class Trainer:
                 if val_planes else []
             )
             self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
+        if cfg.workers:
+            # started before the model touches the GPU: the forked workers only run NumPy
+            self._prefetch = BatchPrefetcher(self.sampler, cfg.workers, cfg.seed, self.rank, self.local_batch)
 
         # model
         torch.manual_seed(cfg.seed)
@@ -393,8 +460,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.config.seed, self.rank, step])
-        inp, tgt = self.sampler.batch(rng, self.local_batch)
+        if self._prefetch is not None:
+            inp, tgt = self._prefetch.get(step)
+        else:
+            inp, tgt = self.sampler.batch(np.random.default_rng([self.config.seed, self.rank, step]), self.local_batch)
         t_in, t_tg = torch.from_numpy(inp), torch.from_numpy(tgt)
         if self.device.type == "cuda":
             t_in, t_tg = t_in.pin_memory(), t_tg.pin_memory()
@@ -543,6 +612,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> Iterator[TrainEvent]:
         """Run (or continue) training, yielding :class:`TrainEvent` objects."""
+        try:
+            yield from self._run()
+        finally:
+            if self._prefetch is not None:
+                self._prefetch.close()
+                self._prefetch = None
+
+    def _run(self) -> Iterator[TrainEvent]:
         cfg = self.config
         self._setup()
         total = cfg.iterations

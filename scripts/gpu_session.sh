@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One GPU lease in one command: CUDA tests, GPU benchmarks, then the rest of TOTAL_SECONDS training
+# the three bundled models side by side on the GPU; everything comes back packed in $OUT.
+#
+#   G=.gpu OUT=/tmp/out TOTAL_SECONDS=540 bash scripts/gpu_session.sh
+#
+# TOTAL_SECONDS bounds the whole script: the training runs get what the benchmarks leave,
+# less STOP_MARGIN seconds for their final checkpoint and the packing.
+#
+# $G (not committed) holds what the GPU machine lacks:
+#   $G/whl/*.whl                       wheels of packages missing there (pydantic, ...), optional
+#   $G/train/*.png                     training images (here: SunHays80 as 8-bit luminance, to travel light)
+#   $G/init/{sr,denoise,deblock}.safetensors + .json   weights to continue from (e.g. runs/*/best.*)
+# Each run continues its model with --from ... --start-step <its step>; the lr schedule goes on,
+# Adam moments restart.  SIGINT at the deadline: every run checkpoints and exports best/last.
+# Afterwards: $OUT/<task>.tar holds the run folder (checkpoint.pt, best/last, log.jsonl, train.log).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=${G:-.gpu}
+OUT=${OUT:-/tmp/gpu-out}
+DEVICE=${DEVICE:-cuda}
+TOTAL_SECONDS=${TOTAL_SECONDS:-540}
+STOP_MARGIN=${STOP_MARGIN:-40}
+RUNS=${RUNS:-gpu-runs}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$RUNS"
+if compgen -G "$G/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$G"/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+py=python3
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc; date -u;
+  $py -c "import torch, pydantic, napari_vdsr.core.train as t; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"; } 2>&1 | tee "$OUT/gpu.txt"
+
+# 1. benchmarks first, with the GPU to themselves
+if [ "$DEVICE" = cuda ]; then
+  { timeout 60 $py benchmarks/gpu_forward.py --sizes 1024 2048 --batch 1 4 --json "$OUT/gpu_forward.json"
+    timeout 90 $py benchmarks/throughput.py --device cuda --size 1024 --scale 2 --tiles 1024 --repeat 2 --gemm-size 4096 --json "$OUT/throughput_cuda.json"
+    timeout 40 $py benchmarks/train_step.py --device cuda --batch 64 --patch 41 --steps 20
+  } 2>&1 | tee "$OUT/bench.log"
+fi
+
+# 2. training, the three models at once (each with its own batch-drawing processes)
+step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['metrics']['validation'].get('step') or c['training']['steps'])" "$1"; }
+common=(--data "$G/train" --batch-size 64 --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
+        --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
+declare -A extra=(
+  [sr]="--task sr --scales 2 3 4 --patch-size 41 --lr-step ${SR_LR_STEP:-24000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
+  [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
+  [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"
+)
+train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))
+echo "training for $train_seconds s" | tee -a "$OUT/gpu.txt"
+pids=()
+for t in sr denoise deblock; do
+  init=$G/init/$t.safetensors
+  [ -f "$init" ] || { echo "missing $init" | tee -a "$OUT/gpu.txt"; continue; }
+  s=$(step_of "${init%.safetensors}.json")
+  mkdir -p "$RUNS/$t"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train "${common[@]}" ${extra[$t]} --transfer \
+      --from "$init" --start-step "$s" --out "$RUNS/$t" --quiet > "$RUNS/$t/train.log" 2>&1 &
+  pids+=($!)
+done
+
+# 3. the CUDA tests while the runs train (correctness only, nothing timed)
+timeout 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
+wait "${pids[@]}"
+
+for t in sr denoise deblock; do
+  [ -d "$RUNS/$t" ] || continue
+  grep '"kind": "val"' "$RUNS/$t/log.jsonl" 2>/dev/null | tail -2 | cut -c1-300
+  tail -3 "$RUNS/$t/train.log"
+  tar -cf "$OUT/$t.tar" --exclude="last.*" -C "$RUNS/$t" .
+done
+ls -la "$OUT"
