@@ -123,3 +123,21 @@ def test_prediction_cli_on_cuda(tmp_path: Path, small_model: Path) -> None:
                      "--device", "cuda", "--quiet"]) == 0
     res = tifffile.imread(next(out.glob("*.tif")))
     assert res.shape == (4, 128, 128) and res.dtype == np.uint16
+
+
+def test_tiled_equals_untiled_on_cuda_and_cudnn_setting_is_restored(small_model: Path) -> None:
+    """Tiles (upsampled on the GPU, region-independent) give the untiled result on CUDA too."""
+    from napari_vdsr.core.restore import restore
+
+    img = (_image(2, 150)[:, :131].astype(np.float32) / 255)
+    before = torch.backends.cudnn.benchmark
+    prev_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # strict float32 convolutions: tiles differ only by algorithm choice
+    try:
+        whole = restore(img, task="sr", scale=3, model=small_model, device="cuda", amp=False, tile=4096)
+        tiled = restore(img, task="sr", scale=3, model=small_model, device="cuda", amp=False, tile=64)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev_tf32
+    assert tiled.shape == whole.shape == (450, 393)
+    assert np.abs(tiled - whole).max() < 1e-4
+    assert torch.backends.cudnn.benchmark == before

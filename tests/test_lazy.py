@@ -18,7 +18,7 @@ from napari_vdsr.core.io import RawArray, create_npy
 from napari_vdsr.core.model import VDSR
 from napari_vdsr.core.restore import block_grid, block_shape, restore, restore_blocks, restore_iter
 from napari_vdsr.core.tiling import count_tiles, split_axis
-from napari_vdsr.core.upsample import AxisResampler, source_box, upsample_region
+from napari_vdsr.core.upsample import AxisResampler, source_box, upsample_region, upsample_region_torch
 
 torch.set_num_threads(1)
 da = pytest.importorskip("dask.array")
@@ -65,6 +65,10 @@ def test_tiled_upsample_equals_whole_image_upsample(h, w, sy, sx, seed, data):
     i0, i1, j0, j1 = source_box((h, w), (oh, ow), (y0, y1, x0, x1))
     part = upsample_region(x[i0:i1, j0:j1], (i0, j0), (h, w), (oh, ow), (y0, y1, x0, x1))
     np.testing.assert_array_equal(part, whole[y0:y1, x0:x1])  # bit-identical, whatever the box
+    # the torch version (used on GPUs) is the same computation: bit-identical on the CPU
+    part_t = upsample_region_torch(torch.from_numpy(x[i0:i1, j0:j1]), (i0, j0), (h, w), (oh, ow), (y0, y1, x0, x1))
+    assert part_t.dtype == torch.float32
+    np.testing.assert_array_equal(part_t.numpy(), part)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(2, 4), (7, 14), (10, 15), (33, 99), (5, 80), (64, 64), (40, 41)])
@@ -83,6 +87,31 @@ def test_upsample_region_refuses_too_small_a_region():
     x = np.zeros((20, 20), np.float32)
     with pytest.raises(ValueError, match="need inputs"):
         upsample_region(x[5:10, 5:10], (5, 5), (20, 20), (40, 40), (10, 20, 10, 20))
+    with pytest.raises(ValueError, match="need inputs"):
+        upsample_region_torch(torch.from_numpy(x[5:10, 5:10]), (5, 5), (20, 20), (40, 40), (10, 20, 10, 20))
+
+
+def test_restore_with_upsampling_on_the_device_is_the_same(monkeypatch):
+    """The GPU route (torch upsampling, tensor handed to the net) gives the CPU route's result."""
+    import napari_vdsr.core.restore as restore_mod
+
+    img = (RNG.random((45, 38)) * 65535).astype(np.uint16)
+    ref = run(img, task="sr", scale=2.5, tile=32)
+    calls = []
+    import napari_vdsr.core.upsample as up
+
+    original = up.upsample_region_torch
+
+    def spy(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return original(*a, **k)
+
+    monkeypatch.setattr(up, "upsample_region_torch", spy)
+    monkeypatch.setattr(restore_mod, "_upsample_on_device", lambda device: True)
+    got = run(img, task="sr", scale=2.5, tile=32)
+    assert len(calls) >= 4  # the device route ran, once per tile
+    assert got.dtype == np.uint16 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_restore_sr_equals_bicubic_then_net():

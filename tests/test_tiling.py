@@ -122,3 +122,20 @@ def test_restore_progress_counts_tiles():
     assert events[-1].result is not None and all(e.result is None for e in events[:-1])
     assert [e.done for e in events] == sorted(e.done for e in events)
     assert {e.plane for e in events} == {0, 1} and all(e.n_planes == 2 for e in events)
+
+
+def test_device_tuning_restores_the_cudnn_setting(monkeypatch):
+    """On CUDA a run turns cuDNN autotuning on and puts the previous value back (nested runs too)."""
+    import torch
+
+    from napari_vdsr.core.tiling import device_tuning
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with device_tuning("cuda"):
+        assert torch.backends.cudnn.benchmark is True
+        with device_tuning("cuda"):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is False
+    with device_tuning("cpu"):
+        assert torch.backends.cudnn.benchmark is False

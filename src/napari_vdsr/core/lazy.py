@@ -44,7 +44,7 @@ import torch
 
 from .errors import InputError
 from .restore import _BoxEngine, _intensity, _is_dask, _Job, _prepare
-from .tiling import DEFAULT_TILE, cpu_allocation_tuning, halo_for, prepare_net
+from .tiling import DEFAULT_TILE, device_tuning, halo_for, prepare_net
 
 __all__ = ["restore_dask", "DEFAULT_CHUNK"]
 
@@ -173,7 +173,7 @@ def _restore_block(block: np.ndarray, block_info: Optional[dict] = None, *, spec
     engine = _BoxEngine(job, Intensity(spec.lo, spec.hi), dev, _prepared(spec.net, dev))
     out = np.empty(out_shape, dtype=job.dtype)
     plane_axes = job.plane_axes
-    with cpu_allocation_tuning(dev.type == "cpu"):
+    with device_tuning(dev):
         for pidx in np.ndindex(*[block.shape[a] for a in plane_axes]):
             idx: list[Any] = [slice(None)] * block.ndim
             for a, p in zip(plane_axes, pidx):

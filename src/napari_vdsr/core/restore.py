@@ -48,7 +48,7 @@ from .errors import Cancelled, InputError, ModelError
 from .tiling import (
     DEFAULT_TILE,
     MIN_TILE,
-    cpu_allocation_tuning,
+    device_tuning,
     forward_crop,
     halo_for,
     is_out_of_memory,
@@ -545,6 +545,11 @@ def _intensity(job: _Job):
     return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
 
 
+def _upsample_on_device(device: torch.device) -> bool:
+    """Whether grey planes are upsampled on ``device`` (CUDA: float64 there, region-independent)."""
+    return device.type == "cuda"
+
+
 class _BoxEngine:
     """Computes any box of a restored plane from the matching input region (plus margins).
 
@@ -620,7 +625,7 @@ class _BoxEngine:
 
     def _single(self, reader: Any, box: tuple[int, int, int, int], where: str) -> np.ndarray:
         from .color import rgb_to_ycbcr, ycbcr_to_rgb
-        from .upsample import source_box, upsample_region
+        from .upsample import source_box, upsample_region, upsample_region_torch
 
         job, inten, halo = self.job, self.inten, self.halo
         (h, w), (oh, ow) = job.in_hw, job.out_hw
@@ -635,10 +640,15 @@ class _BoxEngine:
             rgb = inten.to_net(raw[..., :3]) * np.float32(255.0)  # 0..255, as the models were trained
             ycc = rgb_to_ycbcr(upsample_region(rgb, origin, (h, w), (oh, ow), crop))
             x = np.ascontiguousarray(ycc[..., 0] / np.float32(255.0))
+        elif _upsample_on_device(self.device):
+            # on a GPU the bicubic upsampling runs there too (a CPU pass of the 4x larger image
+            # took longer than the network), and only the small input region crosses the bus
+            lr = torch.from_numpy(np.ascontiguousarray(inten.to_net(raw), dtype=np.float32)).to(self.device)
+            x = upsample_region_torch(lr, origin, (h, w), (oh, ow), crop)
         else:
             x = upsample_region(inten.to_net(raw), origin, (h, w), (oh, ow), crop)
         res = forward_crop(self.net, x, self.device, job.amp)[inner]
-        if self.device.type == "cpu" and x.size >= TRIM_PIXELS:
+        if self.device.type == "cpu" and x.shape[0] * x.shape[1] >= TRIM_PIXELS:
             trim_heap()
         if not job.is_rgb:
             return _to_dtype(inten.from_net(res), job.dtype)
@@ -688,7 +698,7 @@ class RestoredBlock:
 
 
 def _block_gen(job: _Job) -> Iterator[RestoredBlock]:
-    with cpu_allocation_tuning(job.device.type == "cpu"):  # undone when the generator finishes or is closed
+    with device_tuning(job.device):  # undone when the generator finishes or is closed
         yield from _block_work(job)
 
 

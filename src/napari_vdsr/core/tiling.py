@@ -42,6 +42,7 @@ __all__ = [
     "count_tiles",
     "prepare_net",
     "cpu_allocation_tuning",
+    "device_tuning",
     "predict_plane_iter",
     "predict_plane",
     "forward_crop",
@@ -180,6 +181,39 @@ def cpu_allocation_tuning(enabled: bool = True) -> Iterator[None]:
                 lib.malloc_trim(0)
 
 
+_cudnn_users = 0
+_cudnn_previous = False
+
+
+@contextmanager
+def device_tuning(device: torch.device | str) -> Iterator[None]:
+    """Settings for one restore run on ``device``, undone afterwards.
+
+    CPU: :func:`cpu_allocation_tuning`.  CUDA: cuDNN autotuning
+    (``torch.backends.cudnn.benchmark``): the tiles of a run share one or a few
+    shapes, so the fastest convolution algorithm is measured once and reused; the
+    previous setting comes back when the last concurrent run ends.
+    """
+    global _cudnn_users, _cudnn_previous
+    device = torch.device(device)
+    if device.type != "cuda":
+        with cpu_allocation_tuning(device.type == "cpu"):
+            yield
+        return
+    with _tuning_lock:
+        if _cudnn_users == 0:
+            _cudnn_previous = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+        _cudnn_users += 1
+    try:
+        yield
+    finally:
+        with _tuning_lock:
+            _cudnn_users -= 1
+            if _cudnn_users == 0:
+                torch.backends.cudnn.benchmark = _cudnn_previous
+
+
 def trim_heap() -> None:
     """Give the free pages of the heap back to the system (glibc, inside :func:`cpu_allocation_tuning` only).
 
@@ -252,7 +286,7 @@ def predict_plane_iter(
         cy0, cy1, cx0, cx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
         groups.setdefault((cy1 - cy0, cx1 - cx0), []).append(((y0, y1, x0, x1), (cy0, cy1, cx0, cx1)))
 
-    with cpu_allocation_tuning(device.type == "cpu"):  # process-wide; undone when the generator ends or closes
+    with device_tuning(device):  # process-wide; undone when the generator ends or closes
         yield from _run_groups(net, plane, out, groups, device, amp_dtype, mf, batch_pixels)
 
 
@@ -304,6 +338,8 @@ def forward_crop(
 ) -> np.ndarray:
     """One forward pass of ``net`` on a 2-D float32 ``crop``; returns float32 of the same shape.
 
+    ``crop`` is a NumPy array or a 2-D torch tensor (e.g. already on ``device``).
+
     The input goes to ``device`` in the channels_last layout (CPU and CUDA), inside
     ``torch.inference_mode`` and, on CUDA, ``torch.autocast`` (bfloat16 by default,
     see ``amp`` in :func:`predict_plane_iter`).  ``net`` must already be on ``device``
@@ -312,7 +348,10 @@ def forward_crop(
     device = torch.device(device)
     amp_dtype = _amp_dtype(device, amp)
     mf = memory_format(device)
-    t = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
+    if isinstance(crop, torch.Tensor):
+        t = crop.to(torch.float32)[None, None]
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
     t = t.to(device, non_blocking=True).contiguous(memory_format=mf)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with torch.inference_mode(), ctx:
