@@ -126,6 +126,33 @@ def test_super_resolve_grey_overlays_input(make_napari_viewer, qtbot, tiny_model
     assert not any("error" in n.lower() for n in notes)
 
 
+@pytest.mark.parametrize("choice, amp", [("auto", None), ("float32", False), ("bf16 (fast)", True)])
+def test_precision_choice_reaches_the_core(make_napari_viewer, qtbot, tiny_model, monkeypatch, choice, amp):
+    """The precision selector is passed to restore() as amp=...; bf16 stays close to float32."""
+    seen = []
+    real = _restore.restore_iter
+
+    def spy(*a, **k):
+        seen.append(k.get("amp", "missing"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(_restore, "restore_iter", spy)
+    viewer = make_napari_viewer()
+    img = (np.random.default_rng(0).random((40, 44)) * 255).astype(np.uint8)
+    viewer.add_image(img, name="grey")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._device.value = "cpu"
+    w._precision.value = "float32"
+    run_and_wait(w, qtbot)
+    w._precision.value = choice
+    run_and_wait(w, qtbot)
+    assert seen == [False, amp]
+    ref, out = viewer.layers[-2], viewer.layers[-1]
+    assert out.metadata["napari_vdsr"]["precision"] == choice
+    assert out.data.dtype == np.uint8 and out.data.shape == ref.data.shape
+    assert np.abs(out.data.astype(int) - ref.data.astype(int)).max() <= 3
+
+
 @pytest.mark.parametrize("cls, suffix", [(DenoiseWidget, "denoised"), (DeblockWidget, "deblocked")])
 def test_denoise_and_deblock_keep_shape_dtype_and_place(make_napari_viewer, qtbot, tiny_model, cls, suffix):
     viewer = make_napari_viewer()
