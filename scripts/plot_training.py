@@ -1,0 +1,101 @@
+"""Validation PSNR against training steps for the three bundled-model runs.
+
+Reads ``runs/<run>/log.jsonl`` (the engine's log: ``"kind": "val"`` lines; lines that came
+from a GPU run carry ``"device"``), writes the curves to a small JSON file that is
+committed (``docs/training_curves.json``, so the figure can be redrawn without the runs)
+and draws ``docs/images/training_curves.png``.
+
+    python scripts/plot_training.py                 # from runs/, then draw
+    python scripts/plot_training.py --from-json     # redraw from docs/training_curves.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"sr": "sr-multiscale", "denoise": "denoise", "deblock": "deblock"}
+TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "denoise": "denoising, mean of σ 15 / 25 / 50",
+          "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
+
+
+def read_curves(runs: Path) -> dict:
+    curves = {}
+    for task, run in RUNS.items():
+        log = runs / run / "log.jsonl"
+        if not log.exists():
+            continue
+        points, lr_at = [], {}
+        for line in log.read_text().splitlines():
+            d = json.loads(line)
+            if d["kind"] == "step" and "lr" in d:
+                lr_at[d["step"]] = d["lr"]
+            if d["kind"] == "val":
+                points.append({"step": d["step"], "psnr": round(d["val_psnr"], 4),
+                               "per_level": {k: round(v, 4) for k, v in d["val_per_level"].items()},
+                               "input": round(d["val_baseline_psnr"], 4),
+                               "device": d.get("device", "CPU"), "lr": lr_at.get(d["step"])})
+        # a later run that resumed from an earlier step replaces the points it re-did
+        clean: list[dict] = []
+        for p in points:
+            while clean and clean[-1]["step"] >= p["step"]:
+                clean.pop()
+            clean.append(p)
+        curves[task] = clean
+    return curves
+
+
+def draw(curves: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.0), constrained_layout=True)
+    for ax, (task, pts) in zip(axes if len(curves) > 1 else [axes], curves.items()):
+        steps = [p["step"] for p in pts]
+        lo = min(p["psnr"] for p in pts[len(pts) // 5:])
+        ax.set_ylim(lo - 0.3, max(p["psnr"] for p in pts) + 0.15)
+        ax.plot(steps, [p["psnr"] for p in pts], "k.-", lw=1.5, ms=3, label="mean over levels")
+        prev = None
+        for p in pts:  # learning-rate changes
+            if p["lr"] is not None and prev is not None and abs(p["lr"] - prev) > 1e-12:
+                ax.axvline(p["step"], color="tab:red", ls=":", lw=1)
+                ax.text(p["step"], ax.get_ylim()[1], f"lr {p['lr']:.0e} ", color="tab:red", fontsize=7, va="top",
+                        ha="right", rotation=90)
+            prev = p["lr"] if p["lr"] is not None else prev
+        gpu = [p["step"] for p in pts if p["device"] != "CPU"]
+        if gpu:
+            first = max((p["step"] for p in pts if p["device"] == "CPU" and p["step"] < min(gpu)), default=min(gpu))
+            ax.axvspan(first, max(gpu), color="tab:green", alpha=0.15, label=f"on {pts[steps.index(gpu[0])]['device']}")
+        ax.set_title(f"{task}: {TITLES[task]}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation PSNR (dB, held-out SunHays crops)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=str(ROOT / "runs"))
+    ap.add_argument("--json", default=str(ROOT / "docs" / "training_curves.json"))
+    ap.add_argument("--png", default=str(ROOT / "docs" / "images" / "training_curves.png"))
+    ap.add_argument("--from-json", action="store_true", help="redraw from --json instead of reading the runs")
+    a = ap.parse_args(argv)
+    if a.from_json:
+        curves = json.loads(Path(a.json).read_text())
+    else:
+        curves = read_curves(Path(a.runs))
+        Path(a.json).write_text(json.dumps(curves, indent=0) + "\n")
+    draw(curves, Path(a.png))
+    for task, pts in curves.items():
+        best = max(pts, key=lambda p: p["psnr"])
+        print(f"{task}: {len(pts)} points, steps {pts[0]['step']}..{pts[-1]['step']}, best {best['psnr']:.3f} dB at {best['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
