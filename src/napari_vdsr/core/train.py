@@ -85,7 +85,7 @@ class TrainConfig(BaseModel):
         0, ge=0, le=64,
         description="processes that draw training batches ahead of the step that uses them (0: in the training "
                     "process). Every batch is a pure function of (seed, rank, step), so the result and exact resume "
-                    "do not depend on this; it matters on GPUs, where drawing patches is slower than the step")
+                    "do not depend on this; use it on GPUs, where drawing patches can take longer than the step")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     val_every: int = Field(250, ge=1)
     val_crop: int = Field(192, ge=16)
