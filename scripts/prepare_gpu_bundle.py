@@ -1,0 +1,87 @@
+"""Fill the folder that ``scripts/gpu_session.sh`` takes to a GPU machine (default ``.gpu/``).
+
+    python scripts/prepare_gpu_bundle.py [--out .gpu] [--data ../shared/data/train/SunHays80] [--no-wheels]
+
+* ``train/``: the training images as 8-bit luminance PNGs (the engine trains on Y anyway;
+  78 MB of RGB PNGs become 28 MB, inside the device tool's 64 MiB transfer limit).
+  Y is rounded to integers (at most 0.5 grey level); validation PSNRs on these images
+  differ from the float-Y ones by about 0.006 dB.
+* ``init/<task>.safetensors`` + ``.json``: the weights each run continues from, the best
+  model of ``runs/<run>/`` if present, else the bundled one.
+* ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
+  for CPython 3.12 on x86-64), downloaded with pip from the package registry.
+
+The folder must be ignored by git (``echo /.gpu/ >> .git/info/exclude``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"sr": "sr-multiscale", "denoise": "denoise", "deblock": "deblock"}
+BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
+WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
+
+
+def luminance_pngs(src: Path, dst: Path) -> int:
+    from PIL import Image
+
+    from napari_vdsr.core.color import rgb_to_y
+    from napari_vdsr.core.io import read_image
+
+    dst.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for f in sorted(src.iterdir()):
+        if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            continue
+        img = read_image(f)
+        if img.ndim == 3 and img.shape[-1] in (3, 4):
+            img = rgb_to_y(img[..., :3].astype(np.float32))
+        y = np.clip(np.round(img), 0, 255).astype(np.uint8)
+        Image.fromarray(y).save(dst / (f.stem + ".png"), optimize=True)
+        n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / ".gpu"))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train" / "SunHays80"))
+    ap.add_argument("--runs", default=str(ROOT / "runs"))
+    ap.add_argument("--no-wheels", action="store_true")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    print(f"train/: {luminance_pngs(Path(a.data), out / 'train')} images")
+    (out / "init").mkdir(parents=True, exist_ok=True)
+    for task, run in RUNS.items():
+        best = Path(a.runs) / run / "best.safetensors"
+        src = best if best.exists() else ROOT / "src" / "napari_vdsr" / "weights" / f"{BUNDLED[task]}.safetensors"
+        shutil.copy2(src, out / "init" / f"{task}.safetensors")
+        shutil.copy2(src.with_suffix(".json"), out / "init" / f"{task}.json")
+        print(f"init/{task}: {src}")
+    if not a.no_wheels:
+        versions = {}
+        from importlib.metadata import version
+
+        for name in WHEELS:
+            versions[name] = version(name)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(out / "whl"),
+               *[f"{n}=={v}" for n, v in versions.items()]]
+        subprocess.run(cmd, check=True)
+        print("whl/:", ", ".join(f"{n} {v}" for n, v in versions.items()))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: {size / 2**20:.1f} MiB (the working tree plus this must stay under 64 MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
