@@ -130,7 +130,8 @@ def main() -> None:
             name = default_model_name(task)
             _, card = load_model(name, task=task)
             results["models"][task] = {"name": name, "steps": card.get("training", {}).get("steps"),
-                                       "compute_hours": card.get("training", {}).get("compute_hours")}
+                                       "compute_hours": card.get("training", {}).get("compute_hours"),
+                                       "compute_note": card.get("training", {}).get("compute_note")}
             tasks.append(task)
         except ModelError as exc:
             print(f"skipping {task}: {exc}", file=sys.stderr)
@@ -162,7 +163,8 @@ def write_markdown(results: dict, path: Path, limit) -> None:
          "(every number is `napari-vdsr evaluate`, protocol in [evaluation.md](evaluation.md))."
          + (f" **Quick look: first {limit} images per set only.**" if limit else ""), ""]
     for task, m in results["models"].items():
-        L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours")
+        note = f" ({m['compute_note']})" if m.get("compute_note") else ""
+        L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours{note}")
     L.append("")
     heads = {
         "sr": ("Super-resolution (PSNR dB / SSIM on Y)", "scale", ["bicubic", "VDSR paper", "SRCNN"]),
