@@ -13,7 +13,7 @@ task=${1:?usage: train_bundled.sh sr|denoise|deblock [options]}; shift
 export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
 case $task in
-  sr)      name=vdsr-sr-x234;  args=(--scales 2 3 4 --iterations 30000 --patch-size 41 --lr-step 16000 --lr 1e-4) ;;
+  sr)      name=vdsr-sr-x234;  args=(--scales 2 3 4 --iterations 40000 --patch-size 41 --lr-step 16000 --lr 1e-4) ;;
   denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
