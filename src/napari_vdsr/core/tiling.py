@@ -191,8 +191,9 @@ def device_tuning(device: torch.device | str) -> Iterator[None]:
 
     CPU: :func:`cpu_allocation_tuning`.  CUDA: cuDNN autotuning
     (``torch.backends.cudnn.benchmark``): the tiles of a run share one or a few
-    shapes, so the fastest convolution algorithm is measured once and reused; the
-    previous setting comes back when the last concurrent run ends.
+    shapes, so the fastest convolution algorithm is measured once per shape and reused
+    (the first tile of each shape pays that one-off measurement); the previous setting
+    comes back when the last concurrent run ends.
     """
     global _cudnn_users, _cudnn_previous
     device = torch.device(device)
