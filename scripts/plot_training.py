@@ -66,10 +66,20 @@ def draw(curves: dict, out: Path) -> None:
                 ax.text(p["step"], ax.get_ylim()[1], f"lr {p['lr']:.0e} ", color="tab:red", fontsize=7, va="top",
                         ha="right", rotation=90)
             prev = p["lr"] if p["lr"] is not None else prev
-        gpu = [p["step"] for p in pts if p["device"] != "CPU"]
-        if gpu:
-            first = max((p["step"] for p in pts if p["device"] == "CPU" and p["step"] < min(gpu)), default=min(gpu))
-            ax.axvspan(first, max(gpu), color="tab:green", alpha=0.15, label=f"on {pts[steps.index(gpu[0])]['device']}")
+        first = True
+        i = 0
+        while i < len(pts):  # shade each stretch that ran on a GPU, from the step it started at
+            if pts[i]["device"] == "CPU":
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(pts) and pts[j + 1]["device"] != "CPU":
+                j += 1
+            start = pts[i - 1]["step"] if i else pts[i]["step"]
+            ax.axvspan(start, pts[j]["step"], color="tab:green", alpha=0.15,
+                       label=f"on {pts[i]['device']}" if first else None)
+            first = False
+            i = j + 1
         ax.set_title(f"{task}: {TITLES[task]}")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation PSNR (dB, held-out SunHays crops)")
