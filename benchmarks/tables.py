@@ -165,7 +165,7 @@ def write_markdown(results: dict, path: Path, limit) -> None:
     for task, m in results["models"].items():
         note = f" ({m['compute_note']})" if m.get("compute_note") else ""
         L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours{note}")
-    L.append("")
+    L += ["", "Training recipes, the log and the validation PSNR against steps: [training.md](training.md).", ""]
     heads = {
         "sr": ("Super-resolution (PSNR dB / SSIM on Y)", "scale", ["bicubic", "VDSR paper", "SRCNN"]),
         "denoise": ("Blind Gaussian denoising, BSD68 (PSNR dB / SSIM)", "σ", ["noisy input", "DnCNN-B", "BM3D"]),
