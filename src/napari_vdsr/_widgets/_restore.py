@@ -88,8 +88,8 @@ class _Job:
     axes: str
     tile: int
     device: str
-    plane: Optional[tuple[int, ...]] = None
-    precision: str = "auto"  # index over the leading axes, for "current plane"
+    plane: Optional[tuple[int, ...]] = None  # index over the leading axes, for "current plane"
+    precision: str = "auto"  # a key of PRECISIONS
     hint: dict[str, Any] = field(default_factory=dict)
 
     @property
