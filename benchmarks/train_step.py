@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, sgemm_gflops  # noqa: E402
 
 from napari_vdsr.core.model import VDSR  # noqa: E402
-from napari_vdsr.core.train import MICRO_BATCH_PIXELS, clip_gradients  # noqa: E402
+from napari_vdsr.core.train import auto_micro_batch, clip_gradients  # noqa: E402
 
 
 def time_steps(model, x, y, steps, amp_dtype=None, channels_last=False, micro=None) -> float:
@@ -79,12 +79,7 @@ def main() -> None:
     x = torch.rand(a.batch, 1, a.patch, a.patch, device=dev)
     y = torch.rand_like(x)
     fwd_flops = VDSR().flops_per_pixel() * a.batch * a.patch * a.patch
-    if a.micro_batch:
-        micro = a.micro_batch
-    elif dev.type == "cpu":
-        micro = max(1, min(a.batch, MICRO_BATCH_PIXELS // (a.patch * a.patch)))
-    else:
-        micro = a.batch
+    micro = a.micro_batch or auto_micro_batch(a.batch, a.patch, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}")
     print(f"batch {a.batch} x {a.patch}x{a.patch}: forward {fwd_flops / 1e9:.1f} GFLOP, step ~{3 * fwd_flops / 1e9:.1f} GFLOP")

@@ -44,6 +44,19 @@ DEFAULT_LEVELS = {"sr": [2.0, 3.0, 4.0], "denoise": [15.0, 25.0, 50.0], "deblock
 MICRO_BATCH_PIXELS = 16 * 41 * 41
 
 
+def auto_micro_batch(batch: int, patch_size: int, device: torch.device | str) -> int:
+    """Patches per gradient-accumulation chunk when ``micro_batch`` is None: chunks of about
+    :data:`MICRO_BATCH_PIXELS` pixels on the CPU, the whole batch on other devices."""
+    if torch.device(device).type != "cpu":
+        return batch
+    return max(1, min(batch, MICRO_BATCH_PIXELS // (patch_size * patch_size)))
+
+
+def draw_batch(sampler, seed: int, rank: int, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batch of ``step``: a pure function of (seed, rank, step), the same in any process."""
+    return sampler.batch(np.random.default_rng([seed, rank, step]), n)
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run (saved in every checkpoint and model card)."""
 
@@ -251,15 +264,13 @@ def _worker_init(sampler) -> None:
 
 
 def _draw_batch(seed: int, rank: int, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The batch of ``step``: a pure function of (seed, rank, step) (same in any process)."""
-    return _WORKER_SAMPLER.batch(np.random.default_rng([seed, rank, step]), n)
+    return draw_batch(_WORKER_SAMPLER, seed, rank, step, n)
 
 
 class BatchPrefetcher:
     """Draw the batches of the next steps in ``workers`` processes while the current step runs.
 
-    ``get(step)`` returns exactly what ``sampler.batch(default_rng([seed, rank, step]), n)``
-    returns in-process, so training with and without workers is identical.
+    ``get(step)`` returns exactly what :func:`draw_batch` returns in-process, so training with and without workers is identical.
     """
 
     def __init__(self, sampler, workers: int, seed: int, rank: int, n: int, depth: Optional[int] = None) -> None:
@@ -463,7 +474,7 @@ class Trainer:
         if self._prefetch is not None:
             inp, tgt = self._prefetch.get(step)
         else:
-            inp, tgt = self.sampler.batch(np.random.default_rng([self.config.seed, self.rank, step]), self.local_batch)
+            inp, tgt = draw_batch(self.sampler, self.config.seed, self.rank, step, self.local_batch)
         t_in, t_tg = torch.from_numpy(inp), torch.from_numpy(tgt)
         if self.device.type == "cuda":
             t_in, t_tg = t_in.pin_memory(), t_tg.pin_memory()
@@ -476,9 +487,7 @@ class Trainer:
         cfg = self.config
         if cfg.micro_batch:
             return min(cfg.micro_batch, self.local_batch)
-        if self.device.type != "cpu":
-            return self.local_batch
-        return max(1, min(self.local_batch, MICRO_BATCH_PIXELS // (cfg.patch_size * cfg.patch_size)))
+        return auto_micro_batch(self.local_batch, cfg.patch_size, self.device)
 
     def _train_step(self, step: int) -> float:
         cfg = self.config
