@@ -22,6 +22,9 @@ DEVICE=${DEVICE:-cuda}
 TOTAL_SECONDS=${TOTAL_SECONDS:-540}
 STOP_MARGIN=${STOP_MARGIN:-40}
 RUNS=${RUNS:-gpu-runs}
+TASKS=${TASKS:-sr denoise deblock}   # which models to train (e.g. TASKS="sr deblock")
+BENCH=${BENCH:-1}                     # 0: skip the GPU benchmarks (more time for training)
+TESTS=${TESTS:-1}                     # 0: skip tests/test_cuda.py
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 if compgen -G "$G/whl/*.whl" >/dev/null; then
@@ -35,14 +38,14 @@ py=python3
   $py -c "import torch, pydantic, napari_vdsr.core.train as t; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"; } 2>&1 | tee "$OUT/gpu.txt"
 
 # 1. benchmarks first, with the GPU to themselves
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "$BENCH" != 0 ]; then
   { timeout 60 $py benchmarks/gpu_forward.py --sizes 1024 2048 --batch 1 4 --json "$OUT/gpu_forward.json"
     timeout 90 $py benchmarks/throughput.py --device cuda --size 1024 --scale 2 --tiles 1024 --repeat 2 --gemm-size 4096 --json "$OUT/throughput_cuda.json"
     timeout 40 $py benchmarks/train_step.py --device cuda --batch 64 --patch 41 --steps 20
   } 2>&1 | tee "$OUT/bench.log"
 fi
 
-# 2. training, the three models at once (each with its own batch-drawing processes)
+# 2. training, the models of $TASKS at once (each with its own batch-drawing processes)
 step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['metrics']['validation'].get('step') or c['training']['steps'])" "$1"; }
 common=(--data "$G/train" --batch-size 64 --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
@@ -54,7 +57,7 @@ declare -A extra=(
 train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))
 echo "training for $train_seconds s" | tee -a "$OUT/gpu.txt"
 pids=()
-for t in sr denoise deblock; do
+for t in $TASKS; do
   init=$G/init/$t.safetensors
   [ -f "$init" ] || { echo "missing $init" | tee -a "$OUT/gpu.txt"; continue; }
   s=$(step_of "${init%.safetensors}.json")
@@ -66,10 +69,10 @@ for t in sr denoise deblock; do
 done
 
 # 3. the CUDA tests while the runs train (correctness only, nothing timed)
-timeout 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
+[ "$TESTS" = 0 ] || timeout 180 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.log"
 wait "${pids[@]}"
 
-for t in sr denoise deblock; do
+for t in $TASKS; do
   [ -d "$RUNS/$t" ] || continue
   grep '"kind": "val"' "$RUNS/$t/log.jsonl" 2>/dev/null | tail -2 | cut -c1-300
   tail -3 "$RUNS/$t/train.log"

@@ -130,3 +130,32 @@ def test_restore_streams_on_cpu_and_matches_unstreamed(monkeypatch):
 def test_not_a_vdsr_is_refused():
     with pytest.raises(ValueError, match="VDSR"):
         stream_forward(torch.nn.Conv2d(1, 1, 3, padding=1), torch.rand(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5])
+@pytest.mark.parametrize("thin", [0, 4], ids=["all-conv", "thin-matmul"])
+def test_thin_first_and_last_layers_match_plain_forward(conv_path, channels, thin, monkeypatch):
+    """The first/last layers as matrix products (few channels) and as convolutions agree with net(x)."""
+    monkeypatch.setattr(stream, "THIN_CHANNELS", thin)
+    calls = {"first": 0, "last": 0}
+    first, last = stream._first_layer, stream._last_layer
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(stream, "_first_layer", count("first", first))
+    monkeypatch.setattr(stream, "_last_layer", count("last", last))
+    torch.manual_seed(channels)
+    net = VDSR(depth=5, width=8, channels=channels).eval()
+    torch.nn.init.normal_(net.body[-1].weight, 0.0, 0.2)
+    x = torch.rand(2, channels, 23, 17)
+    with torch.inference_mode():
+        out = stream_forward(net, x, band=6)
+    ref = plain(net, x)
+    assert (ref - x).abs().max() > 1e-2
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    used = channels <= thin
+    assert (calls["first"] > 0) == used and (calls["last"] > 0) == used
