@@ -5,8 +5,10 @@ Measures, in one run on one CUDA device:
 * the bf16 matrix-product rate (``torch.mm`` of two ``--gemm`` x ``--gemm`` matrices,
   mean of 10 after warm-up) -- the "peak" the ratios use;
 * the network alone (no I/O, no bicubic, no host copies): a 20-layer, 64-channel VDSR
-  under bf16 autocast on ``batch x 1 x size x size`` inputs, channels_last and
-  contiguous, timed with CUDA events -- TFLOP/s counted as 1.329 MFLOP per pixel;
+  under bf16 autocast on ``batch x 1 x size x size`` inputs, as ``restore()`` runs it
+  (``tiling.run_net``: convolution + bias + ReLU fused in cuDNN, :mod:`napari_vdsr.core.cuda_fused`)
+  and as a plain ``net(x)`` (channels_last and contiguous), timed with CUDA events --
+  TFLOP/s counted as 1.329 MFLOP per pixel;
 * the same with float32 (TF32 allowed and not) for reference.
 
 Example::
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
     from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.tiling import run_net
 
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(0)
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
     for size in a.sizes:
         for batch in a.batch:
             for label, dtype, layout, tf32 in (
+                ("bf16 fused (restore)", torch.bfloat16, torch.channels_last, True),
                 ("bf16 channels_last", torch.bfloat16, torch.channels_last, True),
                 ("bf16 contiguous", torch.bfloat16, torch.contiguous_format, True),
                 ("fp32 TF32 channels_last", None, torch.channels_last, True),
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
 
                 def fwd():
                     with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                        m(x)
+                        run_net(m, x) if label.startswith("bf16 fused") else m(x)
 
                 try:
                     s = _timed(fwd, a.repeat)

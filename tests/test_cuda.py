@@ -141,3 +141,29 @@ def test_tiled_equals_untiled_on_cuda_and_cudnn_setting_is_restored(small_model:
     assert tiled.shape == whole.shape == (450, 393)
     assert np.abs(tiled - whole).max() < 1e-4
     assert torch.backends.cudnn.benchmark == before
+
+
+def test_fused_cudnn_path_is_taken_and_agrees(monkeypatch) -> None:
+    """bf16 restore() runs the fused conv + ReLU layers, within bf16 rounding of the unfused forward."""
+    from napari_vdsr.core import cuda_fused
+    from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.restore import restore
+
+    assert cuda_fused.fused_op_ok(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    torch.manual_seed(0)
+    net = VDSR()  # the real depth and width (the op's kernels differ by shape)
+    torch.nn.init.normal_(net.body[-1].weight, 0.0, 0.01)
+    img = _image(3, 128)
+    calls = []
+    real = cuda_fused.fused_forward
+    monkeypatch.setattr(cuda_fused, "fused_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = restore(img, task="sr", scale=2, model=net, device="cuda", amp=True, tile=128)
+    assert calls, "the fused path was not used"
+    monkeypatch.setenv("NAPARI_VDSR_NO_FUSED", "1")
+    n = len(calls)
+    plain = restore(img, task="sr", scale=2, model=net, device="cuda", amp=True, tile=128)
+    full = restore(img, task="sr", scale=2, model=net, device="cpu", amp=False)
+    assert len(calls) == n
+    assert fused.dtype == np.uint8 and fused.shape == full.shape
+    assert np.abs(fused.astype(int) - plain.astype(int)).max() <= 2
+    assert np.abs(fused.astype(int) - full.astype(int)).max() <= 3
