@@ -302,6 +302,45 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(image_dir: Path, tmp_path: Pat
     assert load_checkpoint(run)["step"] == 10
 
 
+def test_loss_read_back_every_few_steps_changes_nothing_else(image_dir: Path, monkeypatch) -> None:
+    """As on a GPU: the loss comes back every 5 steps; the weights are those of a per-step read."""
+    from napari_vdsr.core import train as train_mod
+
+    runs = {}
+    for every in (1, 5):
+        monkeypatch.setattr(train_mod, "loss_read_every", lambda device, every=every: every)
+        tr = Trainer(_cfg(None, [str(image_dir)], iterations=12, val_every=100, val_fraction=0.0))
+        evs = [ev for ev in tr.run() if ev.kind == "step"]
+        runs[every] = ({k: v.clone() for k, v in tr.model.state_dict().items()}, evs)
+    (w1, ev1), (w5, ev5) = runs[1], runs[5]
+    assert all(torch.equal(w1[k], w5[k]) for k in w1)
+    assert all(e.loss is not None for e in ev1)
+    assert [e.step for e in ev5 if e.loss is not None] == [5, 10, 12]
+    for a, b in zip(ev1, ev5):
+        if b.loss is not None:
+            assert a.loss == b.loss
+
+
+def test_nan_caught_before_a_checkpoint_when_losses_are_read_late(image_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from napari_vdsr.core import train as train_mod
+
+    monkeypatch.setattr(train_mod, "loss_read_every", lambda device: 5)
+    run = tmp_path / "run"
+    tr = Trainer(_cfg(run, [str(image_dir)], iterations=30, checkpoint_every=6, val_every=100))
+    real_step = Trainer._train_step
+
+    def step(self, k):
+        out = real_step(self, k)
+        return out * float("nan") if k >= 10 else out  # steps 11, 12, ...
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    with pytest.raises(TrainingError, match="loss became nan at step 11"):
+        for _ in tr.run():
+            pass
+    # the checkpoint due at step 12 read steps 11-12 first and was not written
+    assert load_checkpoint(run)["step"] == 6
+
+
 def test_base_model_for_another_task(image_dir: Path, tmp_path: Path) -> None:
     from napari_vdsr.core.weights import save_model
 

@@ -149,7 +149,8 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
             bar = tqdm(total=ev.total, initial=ev.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
         elif ev.kind == "step" and bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"loss {ev.loss:.2e} lr {ev.lr:.1e}{last_val}", refresh=False)
+            if ev.loss is not None:  # on a GPU the loss is read back every few steps
+                bar.set_postfix_str(f"loss {ev.loss:.2e} lr {ev.lr:.1e}{last_val}", refresh=False)
         elif ev.kind == "val":
             last_val = f" val {ev.val_psnr:.2f} dB (input {ev.val_baseline_psnr:.2f})"
             if bar is not None:

@@ -712,8 +712,9 @@ class FinetuneWidget(Container):
                 self._readout.value = f"base model {self._job.base_label}: held-out PSNR {ev.val_base_model_psnr:.2f} dB"
             self._redraw(force=True)
         elif ev.kind == "step":
-            c.step.append(int(ev.step))
-            c.loss.append(float(ev.loss))
+            if ev.loss is not None:  # on a GPU the loss is read back every few steps
+                c.step.append(int(ev.step))
+                c.loss.append(float(ev.loss))
             self._progress.value = min(int(ev.step), self._progress.max)
             done = ev.step - self._step0
             if self._t_start is not None and done > 0:

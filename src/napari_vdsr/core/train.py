@@ -197,6 +197,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return base * cfg.lr_gamma ** (step // every)
 
 
+def loss_read_every(device: torch.device) -> int:
+    """Steps between reads of the loss back to the host: 1 on the CPU, 10 on accelerators.
+
+    Reading a value back waits for the device to finish, so the host cannot queue the
+    next step meanwhile; on a GPU the loss is therefore read every 10 steps (the log's
+    interval) and at every validation, checkpoint and stop.  A non-finite loss is still
+    caught before anything is saved.
+    """
+    return 1 if torch.device(device).type == "cpu" else 10
+
+
 @torch.no_grad()
 def clip_gradients(params, theta: float, lr: float, count: bool = True) -> float:
     """Adjustable gradient clipping (Kim et al. 2016): clamp every gradient element to [-θ/γ, θ/γ].
@@ -526,7 +537,26 @@ class Trainer:
         if self.distributed:
             torch.distributed.all_reduce(mse)
             mse /= self.world
-        return float(mse)
+        return mse.detach()
+
+    def _read_losses(self, pending: list[tuple[int, torch.Tensor]]) -> Optional[float]:
+        """Read the steps' losses back from the device (one synchronisation); the last one, or None.
+
+        Raises :class:`TrainingError` at the first non-finite loss; ``pending`` is emptied.
+        """
+        if not pending:
+            return None
+        steps = [s for s, _ in pending]
+        ts = [t if isinstance(t, torch.Tensor) else torch.tensor(float(t)) for _, t in pending]
+        values = torch.stack([t.detach().float().reshape(()).to(ts[0].device) for t in ts]).cpu().tolist()
+        pending.clear()
+        for step, v in zip(steps, values):
+            if not math.isfinite(v):
+                raise TrainingError(
+                    f"the loss became {v} at step {step} (learning rate {lr_at(self.config, step - 1):g}); "
+                    "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
+                )
+        return float(values[-1])
 
     @torch.no_grad()
     def _predict(self, model: torch.nn.Module, inp: np.ndarray) -> np.ndarray:
@@ -645,23 +675,24 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
         last_metrics: dict[str, Any] = {}
+        every = loss_read_every(self.device)
+        pending: list[tuple[int, torch.Tensor]] = []
         while self.step < total:
             if self._stop.is_set():
                 break
             ts = time.monotonic()
-            loss = self._train_step(self.step)
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss} at step {self.step + 1} (learning rate {lr_at(cfg, self.step):g}); "
-                    "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
-                )
+            pending.append((self.step + 1, self._train_step(self.step)))
             self.step += 1
+            val_due = bool(self.val_items) and self.is_main and (self.step % cfg.val_every == 0 or self.step == total)
+            loss = None
+            if len(pending) >= every or self.step % every == 0 or self.step == total or val_due or self._stop.is_set():
+                loss = self._read_losses(pending)
             self.compute_seconds += time.monotonic() - ts
             ev = TrainEvent("step", self.step, total, loss=loss, lr=lr_at(cfg, self.step - 1), elapsed=time.monotonic() - t0)
             if self.step % 10 == 0 or self.step == total:
                 self._log(ev)
             yield ev
-            if self.val_items and self.is_main and (self.step % cfg.val_every == 0 or self.step == total):
+            if val_due:
                 vp, bp, per = self._validate()
                 last_metrics = {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step}
                 if base_model_psnr is not None:
@@ -680,12 +711,14 @@ class Trainer:
                 time.monotonic() - last_ck >= cfg.checkpoint_minutes * 60
             )
             if due and self.out and self.step < total:
+                self._read_losses(pending)  # never checkpoint weights that a non-finite loss has spoilt
                 p = self._checkpoint()
                 last_ck = time.monotonic()
                 cev = TrainEvent("checkpoint", self.step, total, elapsed=time.monotonic() - t0, path=str(p) if p else None)
                 self._log(cev)
                 yield cev
         # end of run (finished or stopped): checkpoint and export
+        self._read_losses(pending)
         p = self._checkpoint()
         if self.out and self.is_main:
             if not self.val_items:
