@@ -6,9 +6,11 @@ Measures, in one run on one CUDA device:
   mean of 10 after warm-up) -- the "peak" the ratios use;
 * the network alone (no I/O, no bicubic, no host copies): a 20-layer, 64-channel VDSR
   under bf16 autocast on ``batch x 1 x size x size`` inputs, as ``restore()`` runs it
-  (``tiling.run_net``: convolution + bias + ReLU fused in cuDNN, :mod:`napari_vdsr.core.cuda_fused`)
-  and as a plain ``net(x)`` (channels_last and contiguous), timed with CUDA events --
-  TFLOP/s counted as 1.329 MFLOP per pixel;
+  (``tiling.run_net``: convolution + bias + ReLU fused in cuDNN, :mod:`napari_vdsr.core.cuda_fused`;
+  also with the thin first/last layers padded to 8 channels) and as a plain ``net(x)``
+  (channels_last and contiguous), timed with CUDA events -- TFLOP/s counted as 1.329 MFLOP
+  per pixel;
+* the first, a middle and the last layer alone, thin and padded (milliseconds);
 * the same with float32 (TF32 allowed and not) for reference.
 
 Example::
@@ -46,6 +48,45 @@ def bf16_peak(n: int) -> float:
     return 2 * n**3 / s / 1e12
 
 
+def layer_times(net, size: int, repeat: int) -> dict:
+    """Milliseconds of the first, one middle and the last layer alone (bf16, channels_last, fused ReLU
+    where the network has one), thin layers as they are and padded to 8 channels."""
+    import torch.nn.functional as F
+
+    convs = [m for m in net.body if isinstance(m, torch.nn.Conv2d)]
+    cl = torch.channels_last
+    bf = torch.bfloat16
+    out = {}
+
+    def conv(h, cv, relu, pad_in=0, pad_out=0):
+        w = cv.weight.to(bf)
+        b = cv.bias.to(bf)
+        if pad_in:
+            w = torch.cat([w, w.new_zeros(w.shape[0], pad_in - w.shape[1], 3, 3)], 1)
+        if pad_out:
+            w = torch.cat([w, w.new_zeros(pad_out - w.shape[0], *w.shape[1:])], 0)
+            b = torch.cat([b, b.new_zeros(pad_out - b.shape[0])])
+        w = w.contiguous(memory_format=cl)
+        if relu:
+            return lambda: torch.cudnn_convolution_relu(h, w, b, [1, 1], [1, 1], [1, 1], 1)
+        return lambda: F.conv2d(h, w, b, padding=1)
+
+    x1 = torch.rand(1, 1, size, size, device="cuda", dtype=bf).contiguous(memory_format=cl)
+    x8 = torch.cat([x1, x1.new_zeros(1, 7, size, size)], 1).contiguous(memory_format=cl)
+    h = torch.rand(1, 64, size, size, device="cuda", dtype=bf).contiguous(memory_format=cl)
+    cases = {"first 1->64": conv(x1, convs[0], True), "first padded 8->64": conv(x8, convs[0], True, pad_in=8),
+             "middle 64->64": conv(h, convs[1], True), "last 64->1": conv(h, convs[-1], False),
+             "last padded 64->8": conv(h, convs[-1], False, pad_out=8)}
+    with torch.no_grad():
+        for k, fn in cases.items():
+            try:
+                out[k] = _timed(fn, repeat) * 1e3
+                print(f"layer {k:<20} {size}²: {out[k]:7.3f} ms", flush=True)
+            except RuntimeError as e:
+                print(f"layer {k}: failed ({e})", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
@@ -58,7 +99,7 @@ def main(argv=None) -> int:
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
     from napari_vdsr.core.model import VDSR
-    from napari_vdsr.core.tiling import run_net
+    from napari_vdsr.core.cuda_fused import fused_forward, fused_op_ok
 
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(0)
@@ -72,6 +113,7 @@ def main(argv=None) -> int:
         for batch in a.batch:
             for label, dtype, layout, tf32 in (
                 ("bf16 fused (restore)", torch.bfloat16, torch.channels_last, True),
+                ("bf16 fused, thin pad 8", torch.bfloat16, torch.channels_last, True),
                 ("bf16 channels_last", torch.bfloat16, torch.channels_last, True),
                 ("bf16 contiguous", torch.bfloat16, torch.contiguous_format, True),
                 ("fp32 TF32 channels_last", None, torch.channels_last, True),
@@ -83,7 +125,10 @@ def main(argv=None) -> int:
 
                 def fwd():
                     with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                        run_net(m, x) if label.startswith("bf16 fused") else m(x)
+                        if label.startswith("bf16 fused"):
+                            fused_forward(m, x, torch.bfloat16, pad=8 if "pad" in label else 0)
+                        else:
+                            m(x)
 
                 try:
                     s = _timed(fwd, a.repeat)
@@ -100,9 +145,11 @@ def main(argv=None) -> int:
                 del x
                 torch.cuda.empty_cache()
     torch.backends.cudnn.allow_tf32 = True
+    layers = layer_times(net, max(a.sizes), a.repeat)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "bf16_peak_tflops": peak, "rows": rows}, f, indent=2)
+            json.dump({"device": name, "torch": torch.__version__, "bf16_peak_tflops": peak, "rows": rows,
+                       "fused_op_ok": fused_op_ok(torch.device("cuda"), torch.bfloat16), "layers": layers}, f, indent=2)
     return 0
 
 

@@ -24,14 +24,15 @@ def _net(channels=1, residual=True):
     return net
 
 
+@pytest.mark.parametrize("pad", [0, 8], ids=["thin", "padded-to-8"])
 @pytest.mark.parametrize("channels,residual", [(1, True), (3, True), (1, False)])
-def test_fused_forward_equals_the_plain_forward(channels, residual):
+def test_fused_forward_equals_the_plain_forward(channels, residual, pad):
     net = _net(channels, residual)
     x = torch.rand(2, channels, 19, 23)
     with torch.inference_mode():
         ref = net(x)
-        got = cuda_fused.fused_forward(net, x, torch.float32, op=emulated)
-        half = cuda_fused.fused_forward(net, x, torch.bfloat16, op=emulated)
+        got = cuda_fused.fused_forward(net, x, torch.float32, op=emulated, pad=pad)
+        half = cuda_fused.fused_forward(net, x, torch.bfloat16, op=emulated, pad=pad)
     assert got.dtype == torch.float32 and got.shape == x.shape
     assert (ref - x).abs().max() > 1e-2  # the residual branch does something
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
@@ -76,3 +77,12 @@ def test_run_net_dispatches_to_the_fused_path(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # not streamable on the CPU
         tiling.run_net(net, x)
     assert seen == [torch.float32]
+
+
+def test_pad_setting_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("NAPARI_VDSR_PAD_THIN", raising=False)
+    assert cuda_fused.pad_thin_channels() == 0
+    monkeypatch.setenv("NAPARI_VDSR_PAD_THIN", "8")
+    assert cuda_fused.pad_thin_channels() == 8
+    monkeypatch.setenv("NAPARI_VDSR_PAD_THIN", "eight")
+    assert cuda_fused.pad_thin_channels() == 0

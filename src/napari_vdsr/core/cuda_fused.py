@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fusable", "fused_forward", "fused_op_ok"]
+__all__ = ["fusable", "fused_forward", "fused_op_ok", "pad_thin_channels"]
 
 _lock = threading.Lock()
 _checked: dict[tuple[str, torch.dtype], bool] = {}
@@ -95,12 +95,39 @@ def fusable(net: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
     return dtype if fused_op_ok(x.device, dtype) else None
 
 
-def fused_forward(net: nn.Module, x: torch.Tensor, dtype: torch.dtype, op=None) -> torch.Tensor:
+def pad_thin_channels() -> int:
+    """``NAPARI_VDSR_PAD_THIN`` (default 0 = off): pad the thin first/last layers to this many channels.
+
+    An experiment for the next GPU measurement (``benchmarks/gpu_forward.py`` runs both):
+    on the H200 the 1 -> 64 and 64 -> 1 layers seem to take about a fifth of the network's
+    time for 0.2 % of its arithmetic (an estimate from the per-layer timings of
+    ``torch.compile``'s autotuner, docs/performance.md, session 4).  Zero
+    channels change no value (they add exact zeros) but may let cuDNN pick its aligned
+    tensor-core kernels.  Off until measured.
+    """
+    try:
+        return max(0, int(os.environ.get("NAPARI_VDSR_PAD_THIN", "0")))
+    except ValueError:
+        return 0
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``size`` (``t`` itself if it is not shorter)."""
+    if t.shape[dim] >= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def fused_forward(net: nn.Module, x: torch.Tensor, dtype: torch.dtype, op=None, pad: Optional[int] = None) -> torch.Tensor:
     """``net(x)`` with every convolution but the last fused with its bias and ReLU, in ``dtype``.
 
     The activations and weights are in ``dtype`` (channels_last); the residual is added
     to the float32 input, as autocast would (``half + float -> float``).  ``op`` replaces
     ``torch.cudnn_convolution_relu`` (tests run this on the CPU with an emulation).
+    ``pad``: channels to pad the first layer's input and the last layer's output to with
+    zeros (default :func:`pad_thin_channels`; same values).
 
     Returns a float32 tensor shaped like ``x``.
     """
@@ -110,16 +137,21 @@ def fused_forward(net: nn.Module, x: torch.Tensor, dtype: torch.dtype, op=None) 
     if convs is None:
         raise ValueError("fused_forward needs a VDSR-shaped network.")
     op = op or _op()
+    pad = pad_thin_channels() if pad is None else int(pad)
     cl = torch.channels_last
     with torch.autocast(x.device.type, enabled=False):
-        h = x.to(dtype).contiguous(memory_format=cl)
-        for cv in convs[:-1]:
-            w = cv.weight.to(dtype).contiguous(memory_format=cl)
+        h = _pad_dim(x.to(dtype), 1, pad).contiguous(memory_format=cl)
+        for i, cv in enumerate(convs[:-1]):
+            w = cv.weight.to(dtype)
+            if i == 0:
+                w = _pad_dim(w, 1, pad)
             b = None if cv.bias is None else cv.bias.to(dtype)
-            h = op(h, w, b, [1, 1], [1, 1], [1, 1], 1)
+            h = op(h, w.contiguous(memory_format=cl), b, [1, 1], [1, 1], [1, 1], 1)
         last = convs[-1]
-        y = F.conv2d(h, last.weight.to(dtype).contiguous(memory_format=cl),
-                     None if last.bias is None else last.bias.to(dtype), padding=1).float()
+        co = last.out_channels
+        w = _pad_dim(last.weight.to(dtype), 0, pad).contiguous(memory_format=cl)
+        b = None if last.bias is None else _pad_dim(last.bias.to(dtype), 0, pad)
+        y = F.conv2d(h, w, b, padding=1)[:, :co].float()
         if net.residual:
             y = y + x.float()
     return y
