@@ -42,6 +42,9 @@ if [ "$DEVICE" = cuda ] && [ "$BENCH" != 0 ]; then
   { timeout 60 $py benchmarks/gpu_forward.py --sizes 1024 2048 --batch 1 4 --json "$OUT/gpu_forward.json"
     timeout 90 $py benchmarks/throughput.py --device cuda --size 1024 --scale 2 --tiles 1024 --repeat 2 --gemm-size 4096 --json "$OUT/throughput_cuda.json"
     timeout 40 $py benchmarks/train_step.py --device cuda --batch 64 --patch 41 --steps 20
+    # where a real training loop's time goes (batches / host / device), without and with workers
+    timeout 60 $py benchmarks/train_loop.py --data "$G/train" --device cuda --workers 0 --seconds 15 --json "$OUT/train_loop_w0.json"
+    timeout 90 $py benchmarks/train_loop.py --data "$G/train" --device cuda --workers 8 --seconds 20 --profile --json "$OUT/train_loop_w8.json"
   } 2>&1 | tee "$OUT/bench.log"
 fi
 
