@@ -341,6 +341,27 @@ def test_nan_caught_before_a_checkpoint_when_losses_are_read_late(image_dir: Pat
     assert load_checkpoint(run)["step"] == 6
 
 
+def test_prescale_shrinks_training_and_validation_planes(image_dir: Path) -> None:
+    from napari_vdsr.core.data import split_validation
+    from napari_vdsr.core.train import prescale_planes
+
+    planes = load_planes([str(image_dir)])
+    half = prescale_planes(planes, 2.0)
+    assert prescale_planes(planes, 1.0) is planes
+    for a, b in zip(planes, half):
+        assert b.data.shape == tuple(int(round(n / 2)) for n in a.data.shape)
+        assert b.data.dtype == np.float32 and 0.0 <= b.data.min() and b.data.max() <= 1.0
+        assert abs(float(b.data.mean()) - float(a.data.mean())) < 0.02  # the same picture, smaller
+    with pytest.raises(TrainingError, match="smaller than 16 px"):
+        prescale_planes([Plane("tiny", np.zeros((20, 20), np.float32))], 2.0)
+    tr = Trainer(_cfg(None, [str(image_dir)], prescale=2.0, iterations=1, val_fraction=0.25))
+    tr._setup()
+    train_half, val_half = split_validation(half, 0.25)
+    assert [p.data.shape for p in tr.sampler.planes] == [p.data.shape for p in train_half]
+    assert len(tr.val_items) > 0 and all(
+        it.target.shape[0] <= max(p.data.shape[0] for p in val_half) for it in tr.val_items)
+
+
 def test_base_model_for_another_task(image_dir: Path, tmp_path: Path) -> None:
     from napari_vdsr.core.weights import save_model
 

@@ -62,6 +62,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="train in float32 (default: autocast bf16/fp16 on CUDA and bf16 on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes drawing batches ahead of the training step (use on GPUs; same result as 0)")
+    p.add_argument("--prescale", type=float, default=d.prescale, metavar="F",
+                   help="shrink the training images by F first (antialiased bicubic): F=2 averages away the JPEG "
+                        "block edges and noise of photos saved as JPEG (default 1: as they are)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="planes held out for validation")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
@@ -104,7 +107,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
-        workers=a.workers, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
+        workers=a.workers, prescale=a.prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
         checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from, start_step=a.start_step,
         name=a.name or Path(a.out).name,
     )
