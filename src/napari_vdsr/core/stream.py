@@ -209,8 +209,8 @@ def stream_forward(net: nn.Module, x: torch.Tensor, band: Optional[int] = None) 
         pos = 0  # next output row of the last layer
         fused = _fused_available()
         pad, one = [0, 1], [1, 1]
-        thin_in = c0 <= THIN_CHANNELS
-        thin_out = convs[-1].out_channels <= THIN_CHANNELS
+        thin_in = c0 <= THIN_CHANNELS and convs[0].bias is not None
+        thin_out = convs[-1].out_channels <= THIN_CHANNELS and convs[-1].bias is not None
         w_first = convs[0].weight.reshape(convs[0].out_channels, -1).t().contiguous() if thin_in else None
         w_last = (convs[-1].weight.permute(1, 0, 2, 3).reshape(convs[-1].in_channels, -1).contiguous()
                   if thin_out else None)
