@@ -53,7 +53,7 @@ step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['me
 common=(--data "$G/train" --batch-size 64 --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
 declare -A extra=(
-  [sr]="--task sr --scales 2 3 4 --patch-size 41 --lr-step ${SR_LR_STEP:-24000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
+  [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-2} --lr-step ${SR_LR_STEP:-30000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
   [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
   [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"
 )

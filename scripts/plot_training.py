@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"sr": "sr-multiscale", "denoise": "denoise", "deblock": "deblock"}
-TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "denoise": "denoising, mean of σ 15 / 25 / 50",
+RUNS = {"sr": "sr-multiscale", "sr-prescale": "sr-prescale2", "denoise": "denoise", "deblock": "deblock"}
+TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
+          "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"sr": "sr-multiscale", "denoise": "denoise", "deblock": "deblock"}
+RUNS = {"sr": "sr-prescale2", "denoise": "denoise", "deblock": "deblock"}
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 

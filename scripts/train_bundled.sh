@@ -12,17 +12,20 @@ cd "$(dirname "$0")/.."
 task=${1:?usage: train_bundled.sh sr|denoise|deblock [options]}; shift
 export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
+seed=0
 case $task in
-  sr)      name=vdsr-sr-x234;  args=(--scales 2 3 4 --iterations 40000 --patch-size 41 --lr-step 16000 --lr 1e-4) ;;
+  # SR since session 4: fine-tuning on the training images shrunk by 2 (docs/training.md, "--prescale")
+  sr)      name=vdsr-sr-x234;  seed=1
+           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 3e-5 --lr-schedule constant) ;;
   denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 run=runs/$task
-[ "$task" = sr ] && run=runs/sr-multiscale
-common=(train --data "$data" --task "$task" "${args[@]}" --batch-size 32 --optimizer adam
+[ "$task" = sr ] && run=runs/sr-prescale2
+common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
-        --seed 0 --device cpu --out "$run" --name "$name")
+        --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
 bundled=src/napari_vdsr/weights/$name.safetensors
 if [ -f "$run/checkpoint.pt" ]; then
   exec napari-vdsr "${common[@]}" --resume "$@"
