@@ -1,18 +1,20 @@
-"""A held-out referee for training choices: SR on clean scikit-image photos (no benchmark set).
+"""A held-out referee for training choices: clean scikit-image photos (no benchmark set).
 
 Training decisions (data preparation, recipes, which run to bundle) must not look at the
 benchmark sets.  The runs' own validation crops come from the training images, so they
 share those images' flaws: SunHays80's photos were saved as JPEG (8x8 block edges in 79
 of 80 images), and a model that learned to reproduce such targets scores well there.
 This script builds a small independent set from the images scikit-image ships whose
-8x8 block-edge ratio is below 1.03 (no JPEG grid; measured here), makes the LR images
-with the engine's bicubic (MATLAB's imresize convention) and scores models with the
-paper's protocol (Y channel, 8-bit, ``scale`` px shaved) -- the same code as
-``napari-vdsr evaluate``.
+8x8 block-edge ratio is below 1.03 (no JPEG grid; measured here) and scores models on
+it with the benchmarks' protocol -- the same code as ``napari-vdsr evaluate``: SR
+(LR made with the engine's bicubic, MATLAB's imresize convention; Y channel, 8-bit,
+``scale`` px shaved), denoising (Gaussian σ 15 / 25 / 50 on grey) or JPEG (quality
+10 / 20 / 30 / 40, Y).
 
-    python benchmarks/referee.py MODEL [MODEL ...] [--scales 2 3 4] [--json FILE]
+    python benchmarks/referee.py MODEL [MODEL ...] [--task sr|denoise|deblock] [--levels ...] [--json FILE]
 
-MODEL: a bundled name, a ``.safetensors`` file or a run directory; ``bicubic`` for the baseline.
+MODEL: a bundled name, a ``.safetensors`` file or a run directory; ``bicubic`` (SR) or
+``identity`` (the noisy / JPEG input) for the baseline.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def block_edge_ratio(y: np.ndarray) -> float:
     return float(dx[:, col == 7].mean() / max(1e-9, dx[:, col != 7].mean()))
 
 
-def build(folder: Path, scale: int) -> Path:
+DEFAULT_LEVELS = {"sr": [2, 3, 4], "denoise": [15, 25, 50], "deblock": [10, 20, 30, 40]}
+
+
+def build(folder: Path, scale: int = 1) -> Path:
     """``folder/x{scale}/HR/*.png``: the images mod-cropped to a multiple of ``scale``."""
     import skimage.data
     from PIL import Image
@@ -59,25 +64,30 @@ def build(folder: Path, scale: int) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--task", choices=["sr", "denoise", "deblock"], default="sr")
+    ap.add_argument("--levels", "--scales", type=int, nargs="+", default=None,
+                    help="SR scales (default 2 3 4), noise σ (15 25 50) or JPEG qualities (10 20 30 40)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from napari_vdsr.core.evaluate import evaluate_dataset
 
+    levels = a.levels or DEFAULT_LEVELS[a.task]
+    prefix = {"sr": "x", "denoise": "s", "deblock": "q"}[a.task]
     res: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {s: build(Path(tmp), s) for s in a.scales}
+        sets = {lv: build(Path(tmp), lv if a.task == "sr" else 1) for lv in levels}
         for m in a.models:
             row = {}
-            for s in a.scales:
-                r = evaluate_dataset(sets[s], task="sr", scale=s, model=m, device=a.device, generate_lr=True)
-                row[f"x{s}"] = round(float(r["psnr"]), 4)
-            row["mean"] = round(float(np.mean([row[f"x{s}"] for s in a.scales])), 4)
+            for lv in levels:
+                kw = {"sr": {"scale": lv, "generate_lr": True}, "denoise": {"sigma": lv}, "deblock": {"quality": lv}}[a.task]
+                r = evaluate_dataset(sets[lv], task=a.task, model=m, device=a.device, **kw)
+                row[f"{prefix}{lv}"] = round(float(r["psnr"]), 4)
+            row["mean"] = round(float(np.mean(list(row.values()))), 4)
             res[m] = row
             print(f"{m}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"images": IMAGES, "results": res}, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps({"task": a.task, "images": IMAGES, "results": res}, indent=1) + "\n")
     return 0
 
 
