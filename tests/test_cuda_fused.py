@@ -40,20 +40,39 @@ def test_fused_forward_equals_the_plain_forward(channels, residual, pad):
 
 
 def test_not_fused_off_cuda_with_grad_or_other_nets(monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_vdsr.core import stream
+
     net = _net()
     x = torch.rand(1, 1, 8, 8)
     with torch.inference_mode():
         assert cuda_fused.fusable(net, x) is None  # a CPU tensor
+    # a stand-in CUDA input and CUDA weights, so that each condition below is what decides
+    fake_cuda = SimpleNamespace(device=torch.device("cuda"), ndim=4, shape=(1, 1, 8, 8))
+    real_convs = stream._convs
+    monkeypatch.setattr(stream, "_convs", lambda n: None if real_convs(n) is None else [
+        SimpleNamespace(in_channels=c.in_channels, weight=SimpleNamespace(device=torch.device("cuda")))
+        for c in real_convs(n)])
     monkeypatch.setattr(cuda_fused, "fused_op_ok", lambda device, dtype: True)
-    fake_cuda = type("T", (), {"device": torch.device("cuda"), "ndim": 4, "shape": (1, 1, 8, 8)})()
     monkeypatch.setattr(cuda_fused, "_autocast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.delenv("NAPARI_VDSR_NO_FUSED", raising=False)
     with torch.inference_mode():
+        assert cuda_fused.fusable(net, fake_cuda) is torch.bfloat16  # everything in place: fused
         assert cuda_fused.fusable(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)), fake_cuda) is None
         monkeypatch.setenv("NAPARI_VDSR_NO_FUSED", "1")
         assert cuda_fused.fusable(net, fake_cuda) is None
     monkeypatch.delenv("NAPARI_VDSR_NO_FUSED")
     with torch.enable_grad():
         assert cuda_fused.fusable(net, fake_cuda) is None  # training keeps autograd's graph
+    handle = net.body[0].register_forward_hook(lambda *a: None)
+    with torch.inference_mode():
+        assert cuda_fused.fusable(net, fake_cuda) is None  # hooks expect real forward calls
+    handle.remove()
+    monkeypatch.setattr(cuda_fused, "fused_op_ok", lambda device, dtype: False)
+    with torch.inference_mode():
+        assert cuda_fused.fusable(net, fake_cuda) is None  # the operator failed its check
+    monkeypatch.setattr(cuda_fused, "fused_op_ok", lambda device, dtype: True)
     monkeypatch.setattr(cuda_fused, "_autocast_dtype", lambda device: None)
     with torch.inference_mode():
         assert cuda_fused.fusable(net, fake_cuda) is None  # float32 runs plain
