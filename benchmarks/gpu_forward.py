@@ -53,6 +53,8 @@ def layer_times(net, size: int, repeat: int) -> dict:
     where the network has one), thin layers as they are and padded to 8 channels."""
     import torch.nn.functional as F
 
+    from napari_vdsr.core.cuda_fused import _pad_dim
+
     convs = [m for m in net.body if isinstance(m, torch.nn.Conv2d)]
     cl = torch.channels_last
     bf = torch.bfloat16
@@ -61,18 +63,14 @@ def layer_times(net, size: int, repeat: int) -> dict:
     def conv(h, cv, relu, pad_in=0, pad_out=0):
         w = cv.weight.to(bf)
         b = cv.bias.to(bf)
-        if pad_in:
-            w = torch.cat([w, w.new_zeros(w.shape[0], pad_in - w.shape[1], 3, 3)], 1)
-        if pad_out:
-            w = torch.cat([w, w.new_zeros(pad_out - w.shape[0], *w.shape[1:])], 0)
-            b = torch.cat([b, b.new_zeros(pad_out - b.shape[0])])
-        w = w.contiguous(memory_format=cl)
+        w = _pad_dim(_pad_dim(w, 1, pad_in), 0, pad_out).contiguous(memory_format=cl)
+        b = _pad_dim(b, 0, pad_out)
         if relu:
             return lambda: torch.cudnn_convolution_relu(h, w, b, [1, 1], [1, 1], [1, 1], 1)
         return lambda: F.conv2d(h, w, b, padding=1)
 
     x1 = torch.rand(1, 1, size, size, device="cuda", dtype=bf).contiguous(memory_format=cl)
-    x8 = torch.cat([x1, x1.new_zeros(1, 7, size, size)], 1).contiguous(memory_format=cl)
+    x8 = _pad_dim(x1, 1, 8).contiguous(memory_format=cl)
     h = torch.rand(1, 64, size, size, device="cuda", dtype=bf).contiguous(memory_format=cl)
     cases = {"first 1->64": conv(x1, convs[0], True), "first padded 8->64": conv(x8, convs[0], True, pad_in=8),
              "middle 64->64": conv(h, convs[1], True), "last 64->1": conv(h, convs[-1], False),

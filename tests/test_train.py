@@ -292,7 +292,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(image_dir: Path, tmp_path: Pat
 
     def step(self, k):
         if k >= 14:
-            return float("nan")
+            return torch.tensor(float("nan"))
         return real_step(self, k)
 
     monkeypatch.setattr(Trainer, "_train_step", step)

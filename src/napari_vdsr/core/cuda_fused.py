@@ -77,7 +77,7 @@ def fusable(net: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
     Needs: a CUDA input, autocast on to bfloat16/float16, no gradients, a VDSR-shaped
     network without hooks, and the operator's one-time check passing.
     """
-    from .stream import _convs
+    from .stream import _convs, has_hooks
 
     if os.environ.get("NAPARI_VDSR_NO_FUSED", "") not in ("", "0"):
         return None
@@ -86,8 +86,7 @@ def fusable(net: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
     dtype = _autocast_dtype(x.device)
     if dtype not in (torch.bfloat16, torch.float16):
         return None
-    if any(getattr(m, a, None) for m in net.modules()
-           for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")):
+    if has_hooks(net):
         return None
     convs = _convs(net)
     if convs is None or convs[0].in_channels != x.shape[1] or convs[0].weight.device != x.device:

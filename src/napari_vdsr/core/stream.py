@@ -79,6 +79,12 @@ def _convs(net: nn.Module) -> Optional[list[nn.Conv2d]]:
     return convs
 
 
+def has_hooks(net: nn.Module) -> bool:
+    """True if any module of ``net`` has forward or backward hooks (fast paths skip real forward calls)."""
+    return any(getattr(m, a, None) for m in net.modules()
+               for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+
+
 def streamable(net: nn.Module, x: torch.Tensor) -> bool:
     """True if :func:`stream_forward` applies: a VDSR-shaped net without hooks, float32 input on the CPU, no grad.
 
@@ -90,8 +96,7 @@ def streamable(net: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() or _cpu_autocast_on():
         return False
-    if any(getattr(m, a, None) for m in net.modules()
-           for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")):
+    if has_hooks(net):
         return False  # hooks expect real forward calls: keep them
     convs = _convs(net)
     if convs is None or convs[0].in_channels != x.shape[1]:

@@ -209,15 +209,13 @@ def prescale_planes(planes: list[Plane], factor: float) -> list[Plane]:
     """
     if factor == 1.0:
         return planes
-    from .degrade import resize
+    from .degrade import downscale, scaled_shape
 
     out = []
     for p in planes:
-        h, w = p.data.shape
-        size = (int(round(h / factor)), int(round(w / factor)))
-        if min(size) < 16:
+        if min(scaled_shape(p.data.shape, factor, down=True)) < 16:
             continue
-        out.append(replace(p, data=np.clip(resize(p.data, size), 0.0, 1.0).astype(np.float32)))
+        out.append(replace(p, data=np.clip(downscale(p.data, factor), 0.0, 1.0).astype(np.float32)))
     if not out and planes:
         raise TrainingError(f"every training image is smaller than 16 px after --prescale {factor:g}; use a smaller factor.")
     return out
@@ -574,8 +572,7 @@ class Trainer:
         if not pending:
             return None
         steps = [s for s, _ in pending]
-        ts = [t if isinstance(t, torch.Tensor) else torch.tensor(float(t)) for _, t in pending]
-        values = torch.stack([t.detach().float().reshape(()).to(ts[0].device) for t in ts]).cpu().tolist()
+        values = torch.stack([t.float().reshape(()) for _, t in pending]).cpu().tolist()
         pending.clear()
         for step, v in zip(steps, values):
             if not math.isfinite(v):
