@@ -14,9 +14,10 @@ export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
 seed=0
 case $task in
-  # SR since session 4: fine-tuning on the training images shrunk by 2 (docs/training.md, "--prescale")
+  # SR since session 4: fine-tuning on the training images shrunk by 2 (docs/training.md, "--prescale");
+  # lr 3e-5 from step 48,250, 1e-5 from step 57,989 (session 5: the validation PSNR had levelled off)
   sr)      name=vdsr-sr-x234;  seed=1
-           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 3e-5 --lr-schedule constant) ;;
+           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 1e-5 --lr-schedule constant) ;;
   denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
