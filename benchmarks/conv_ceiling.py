@@ -13,7 +13,9 @@ because this VM's sgemm wanders by +-5 % from minute to minute:
   accumulates into it, so this is the kernel alone, not a usable result);
 * ``conv2d + relu_``: PyTorch's stock ``F.conv2d`` then ``relu_`` on the same bands;
 * ``net (streamed)``: the whole 20-layer network streamed over a ``--size`` square,
-  without bicubic, tiling or dtype conversion (``stream.stream_forward``).
+  without bicubic, tiling or dtype conversion (``stream.stream_forward``);
+* ``restore()``: super-resolution x2 of a uint8 image to a ``--size`` square output,
+  end to end (bicubic, the streamed net, rounding back to uint8), one default tile.
 
 Each ratio is the work's FLOP rate over the mean of the sgemm readings taken just before
 and just after it.  Prints a table (median, min, max over rounds) and writes ``--json``.
@@ -32,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="time per measurement (s)")
-    p.add_argument("--size", type=int, default=1024, help="square input of the streamed-net measurement")
+    p.add_argument("--size", type=int, default=1024, help="side of the streamed-net input and of the restore() output")
     p.add_argument("--gemm-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.add_argument("--json", type=Path, default=None)
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
 
     from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.restore import restore
     from napari_vdsr.core.stream import stream_forward
     from napari_vdsr.core.tiling import prepare_net
 
@@ -117,6 +121,12 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             stream_forward(net, x)
 
+    img = np.random.default_rng(0).integers(0, 256, (a.size // 2, a.size // 2), dtype=np.uint8)
+    raw = VDSR().eval()
+
+    def restored():
+        restore(img, task="sr", scale=2, model=raw, device="cpu")
+
     results: dict[str, list[dict]] = {}
     with torch.inference_mode():
         for r in range(a.rounds):
@@ -126,6 +136,8 @@ def main(argv=None) -> int:
                     results.setdefault(f"{name} @ {rows}x{width}", []).append(_timed(fn, flop, a.seconds, a.gemm_size))
             results.setdefault(f"net (streamed) @ {a.size}x{a.size}", []).append(
                 _timed(streamed, net_flop, a.seconds, a.gemm_size))
+            results.setdefault(f"restore() x2 -> {a.size}x{a.size}", []).append(
+                _timed(restored, net_flop, a.seconds, a.gemm_size))
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
 
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")

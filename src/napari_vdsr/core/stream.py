@@ -224,12 +224,12 @@ def stream_forward(net: nn.Module, x: torch.Tensor, band: Optional[int] = None) 
         for r0, r1 in zip(edges[:-1], edges[1:]):
             final = r1 == h
             rows_new = r1 - r0
-            first_in[:, :, 2 : 2 + rows_new] = x[:, :, r0:r1]
+            first_in[:, :, 2 : 2 + rows_new].copy_(x[:, :, r0:r1])
             buf, which = first_in, 0
             for li, cv in enumerate(convs):
                 if started[li]:
                     start = 0
-                    buf[:, :, 0:2] = carry[li]
+                    buf[:, :, 0:2].copy_(carry[li])
                 else:  # image top: one zero row of context
                     start = 1
                     buf[:, :, 1:2].zero_()
@@ -262,6 +262,6 @@ def stream_forward(net: nn.Module, x: torch.Tensor, band: Optional[int] = None) 
                         y = F.conv2d(inp, cv.weight, cv.bias, padding=(0, 1))
                     if net.residual:
                         y = y + x[:, :, pos : pos + n_out]
-                    out[:, :, pos : pos + n_out] = y
+                    out[:, :, pos : pos + n_out].copy_(y)
                     pos += n_out
     return out
