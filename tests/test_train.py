@@ -362,6 +362,41 @@ def test_prescale_shrinks_training_and_validation_planes(image_dir: Path) -> Non
         it.target.shape[0] <= max(p.data.shape[0] for p in val_half) for it in tr.val_items)
 
 
+def test_val_data_validates_on_separate_images(image_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from napari_vdsr.cli import _config_from_args, build_parser
+
+    vdir = tmp_path / "val"
+    vdir.mkdir()
+    val_imgs = [_texture(10 + i, size=60) for i in range(2)]
+    for i, im in enumerate(val_imgs):
+        Image.fromarray(im).save(vdir / f"v{i}.png")
+    a = build_parser().parse_args(["train", "--data", str(image_dir), "--task", "sr", "--out", str(tmp_path / "run"),
+                                   "--val-data", str(vdir)])
+    assert _config_from_args(a).val_data == [str(vdir)]
+
+    tr = Trainer(_cfg(None, [str(image_dir)], val_data=[str(vdir)], val_fraction=0.25, iterations=1))
+    tr._setup()
+    # every training image trains; the validation pairs come from the separate images only
+    assert len(tr.sampler.planes) == 4 and tr.n_val_planes == 2
+    centre = [im[6:54, 6:54].astype(np.float32) / 255.0 for im in val_imgs]
+    assert len(tr.val_items) == 2 * 2  # 2 images x scales 2, 3
+    for it in tr.val_items:
+        assert any(np.allclose(it.target, c, atol=1e-6) for c in centre)
+    events = list(Trainer(_cfg(None, [str(image_dir)], val_data=[str(vdir)], iterations=10, val_every=10)).run())
+    assert any(e.val_psnr is not None for e in events if hasattr(e, "val_psnr"))
+
+    with pytest.raises(TrainingError):
+        Trainer(_cfg(None, [str(image_dir)], val_data=[str(tmp_path / "missing")]))._setup()
+    from napari_vdsr.core.finetune import make_finetune_trainer
+
+    clean = _texture(3, size=64)
+    noisy = np.clip(clean.astype(np.int16) + 9, 0, 255).astype(np.uint8)
+    with pytest.raises(TrainingError, match="pairs"):
+        make_finetune_trainer("denoise", pairs=[(noisy, clean)], val_data=[str(vdir)], iterations=1)._setup()
+
+
 def test_base_model_for_another_task(image_dir: Path, tmp_path: Path) -> None:
     from napari_vdsr.core.weights import save_model
 

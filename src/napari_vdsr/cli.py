@@ -66,6 +66,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="shrink the training images by F first (antialiased bicubic): F=2 averages away the JPEG "
                         "block edges and noise of photos saved as JPEG (default 1: as they are)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="planes held out for validation")
+    p.add_argument("--val-data", nargs="+", default=[], metavar="PATH",
+                   help="validate on these images (files, folders, globs) instead of holding out --val-fraction of "
+                        "the training planes; the best checkpoint is chosen on them")
     p.add_argument("--val-every", type=int, default=d.val_every)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
@@ -107,6 +110,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
+        val_data=[str(x) for x in a.val_data],
         workers=a.workers, prescale=a.prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
         checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from, start_step=a.start_step,
         name=a.name or Path(a.out).name,
@@ -182,7 +186,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(include={
         "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
-        "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_every", "val_crop",
+        "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
         "checkpoint_minutes", "checkpoint_every", "workers", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
         "scale_range",
     })

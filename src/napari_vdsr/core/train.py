@@ -105,6 +105,11 @@ class TrainConfig(BaseModel):
                     "validation images included. Photos saved as JPEG carry 8x8 block edges and noise that clean "
                     "targets lack (SunHays80: 79 of 80 images); shrinking by 2 averages them away")
     val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_data: list[str] = Field(
+        default_factory=list,
+        description="validation image files / folders / globs, kept apart from the training data (then every "
+                    "training plane trains and val_fraction is not used); default: hold out val_fraction of the "
+                    "training planes. The best checkpoint is the one that scores best here")
     val_every: int = Field(250, ge=1)
     val_crop: int = Field(192, ge=16)
     val_levels: Optional[list[float]] = None
@@ -415,6 +420,10 @@ class Trainer:
         if self._pairs is not None:
             from .data import PairSampler, make_pair_validation, split_pairs
 
+            if cfg.val_data:
+                raise TrainingError("val_data (--val-data) is for training on clean images; with (degraded, clean) "
+                                    "pairs the validation is a held-out part of the pairs (val_fraction).")
+
             train_pairs, val_pairs = split_pairs(self._pairs, cfg.val_fraction)
             self.sampler = PairSampler(train_pairs, cfg.patch_size)
             shave = int(math.ceil(max(cfg.scales))) if cfg.task == "sr" else 0
@@ -425,6 +434,8 @@ class Trainer:
             planes = prescale_planes(planes, cfg.prescale)
             if self._val_planes is not None:
                 train_planes, val_planes = planes, prescale_planes(self._val_planes, cfg.prescale)
+            elif cfg.val_data:
+                train_planes, val_planes = planes, prescale_planes(load_planes(cfg.val_data), cfg.prescale)
             else:
                 train_planes, val_planes = split_validation(planes, cfg.val_fraction)
             levels, level_range = cfg.levels()
