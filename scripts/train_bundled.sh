@@ -20,8 +20,8 @@ case $task in
   # the bundled step 54,500 stays the best SR model. Check benchmarks/referee.py before bundling.
   sr)      name=vdsr-sr-x234;  seed=1
            args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 1e-5 --lr-schedule constant) ;;
-  denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
-  deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 20000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
+  denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 30000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
+  deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 40000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 run=runs/$task
