@@ -362,6 +362,38 @@ def test_prescale_shrinks_training_and_validation_planes(image_dir: Path) -> Non
         it.target.shape[0] <= max(p.data.shape[0] for p in val_half) for it in tr.val_items)
 
 
+def test_prescale_several_factors_trains_on_the_union(image_dir: Path, tmp_path: Path) -> None:
+    from napari_vdsr.cli import _config_from_args, build_parser
+    from napari_vdsr.core.data import split_validation
+    from napari_vdsr.core.train import prescale_planes
+
+    assert TrainConfig(prescale=2.0).prescale == [2.0]  # run configs written before lists still load
+    assert TrainConfig(prescale=[3, 2, 2]).prescale == [2.0, 3.0]
+    with pytest.raises(ValueError, match="prescale"):
+        TrainConfig(prescale=[2.0, 0.5])
+    a = build_parser().parse_args(["train", "--data", str(image_dir), "--task", "sr", "--out", str(tmp_path / "r"),
+                                   "--prescale", "2", "3", "--val-fraction", "0.25", "--iterations", "1",
+                                   "--patch-size", "16", "--scales", "2"])
+    cfg = _config_from_args(a, finetune=False)
+    assert cfg.prescale == [2.0, 3.0] and cfg.validation_prescale() == 2.0
+    tr = Trainer(cfg)
+    tr._setup()
+    planes = load_planes([str(image_dir)])
+    train, val = split_validation(planes, 0.25)
+    want = sorted([p.data.shape for p in prescale_planes(train, 2.0)] + [p.data.shape for p in prescale_planes(train, 3.0)])
+    assert sorted(p.data.shape for p in tr.sampler.planes) == want
+    # the held-out image is not trained on at any factor
+    held = {p.name for p in val}
+    assert not any(p.name.split("@/")[0] in held for p in tr.sampler.planes)
+    assert {p.name.split("@/")[1] for p in tr.sampler.planes} == {"2", "3"}
+    # validation at the smallest factor; --val-prescale 1 keeps it as it is
+    val2 = prescale_planes(val, 2.0)
+    assert max(it.target.shape[0] for it in tr.val_items) <= max(p.data.shape[0] for p in val2)
+    tr1 = Trainer(TrainConfig(**{**cfg.model_dump(), "val_prescale": 1.0, "out": str(tmp_path / "r1")}))
+    tr1._setup()
+    assert max(it.target.shape[0] for it in tr1.val_items) > max(p.data.shape[0] for p in val2)
+
+
 def test_val_data_validates_on_separate_images(image_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 

@@ -62,9 +62,13 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="train in float32 (default: autocast bf16/fp16 on CUDA and bf16 on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes drawing batches ahead of the training step (use on GPUs; same result as 0)")
-    p.add_argument("--prescale", type=float, default=d.prescale, metavar="F",
+    p.add_argument("--prescale", type=float, nargs="+", default=[1.0], metavar="F",
                    help="shrink the training images by F first (antialiased bicubic): F=2 averages away the JPEG "
-                        "block edges and noise of photos saved as JPEG (default 1: as they are)")
+                        "block edges and noise of photos saved as JPEG (default 1: as they are). Several factors "
+                        "(e.g. 2 2.5 3) train on all the shrunk copies together (scale augmentation)")
+    p.add_argument("--val-prescale", type=float, default=None, metavar="F",
+                   help="shrink the validation images by F (default: the smallest --prescale); 1 validates on "
+                        "clean --val-data images as they are")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="planes held out for validation")
     p.add_argument("--val-data", nargs="+", default=[], metavar="PATH",
                    help="validate on these images (files, folders, globs) instead of holding out --val-fraction of "
@@ -111,7 +115,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
         val_data=[str(x) for x in a.val_data],
-        workers=a.workers, prescale=a.prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
+        workers=a.workers, prescale=a.prescale, val_prescale=a.val_prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
         checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from, start_step=a.start_step,
         name=a.name or Path(a.out).name,
     )
@@ -188,7 +192,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
         "weight_decay", "clip_theta", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
         "checkpoint_minutes", "checkpoint_every", "workers", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
-        "scale_range",
+        "scale_range", "prescale", "val_prescale",
     })
     pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None
     trainer = make_finetune_trainer(

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,11 +99,17 @@ class TrainConfig(BaseModel):
         description="processes that draw training batches ahead of the step that uses them (0: in the training "
                     "process). Every batch is a pure function of (seed, rank, step), so the result and exact resume "
                     "do not depend on this; use it on GPUs, where drawing patches can take longer than the step")
-    prescale: float = Field(
-        1.0, ge=1.0, le=8.0,
-        description="shrink every training image by this factor (antialiased bicubic) before anything else, "
-                    "validation images included. Photos saved as JPEG carry 8x8 block edges and noise that clean "
-                    "targets lack (SunHays80: 79 of 80 images); shrinking by 2 averages them away")
+    prescale: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="shrink every training image by this factor (antialiased bicubic) before anything else. Photos "
+                    "saved as JPEG carry 8x8 block edges and noise that clean targets lack (SunHays80: 79 of 80 "
+                    "images); shrinking by 2 averages them away. Several factors train on the union of the shrunk "
+                    "copies (scale augmentation: more varied data than one factor gives); a plain number is one factor")
+    val_prescale: Optional[float] = Field(
+        None, ge=1.0, le=8.0,
+        description="shrink the validation images by this factor; default: the smallest prescale factor for the "
+                    "held-out training images (they carry the same flaws) and for val_data alike. Give 1 to "
+                    "validate on clean val_data as it is")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     val_data: list[str] = Field(
         default_factory=list,
@@ -130,6 +136,21 @@ class TrainConfig(BaseModel):
             if not 1 <= s <= 16:
                 raise ValueError(f"scales must be in [1, 16], got {s}")
         return [float(s) for s in v]
+
+    @field_validator("prescale", mode="before")
+    @classmethod
+    def _check_prescale(cls, v) -> list[float]:
+        vals = [v] if isinstance(v, (int, float)) else list(v)
+        if not vals:
+            raise ValueError("give at least one prescale factor (1: the images as they are)")
+        for f in vals:
+            if not 1.0 <= float(f) <= 8.0:
+                raise ValueError(f"prescale factors must be in [1, 8], got {f}")
+        return sorted({float(f) for f in vals})
+
+    def validation_prescale(self) -> float:
+        """The factor validation images are shrunk by (``val_prescale`` or the smallest ``prescale``)."""
+        return float(self.val_prescale) if self.val_prescale is not None else min(self.prescale)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "TrainConfig":
@@ -222,7 +243,21 @@ def prescale_planes(planes: list[Plane], factor: float) -> list[Plane]:
             continue
         out.append(replace(p, data=np.clip(downscale(p.data, factor), 0.0, 1.0).astype(np.float32)))
     if not out and planes:
-        raise TrainingError(f"every training image is smaller than 16 px after --prescale {factor:g}; use a smaller factor.")
+        raise TrainingError(f"every image is smaller than 16 px after shrinking by {factor:g} (--prescale / --val-prescale); use a smaller factor.")
+    return out
+
+
+def prescale_union(planes: list[Plane], factors: Sequence[float]) -> list[Plane]:
+    """The planes shrunk by each factor, all together (one factor: :func:`prescale_planes`).
+
+    With several factors every copy is named ``<plane>@/<factor>``; the sampler draws
+    from them in proportion to their areas.
+    """
+    if len(factors) == 1:
+        return prescale_planes(planes, float(factors[0]))
+    out: list[Plane] = []
+    for f in factors:
+        out += [replace(p, name=f"{p.name}@/{f:g}") for p in prescale_planes(planes, float(f))]
     return out
 
 
@@ -431,13 +466,14 @@ class Trainer:
             self.n_train_planes, self.n_val_planes = len(self.sampler.pairs), len(val_pairs)
         else:
             planes = self._planes if self._planes is not None else load_planes(cfg.data)
-            planes = prescale_planes(planes, cfg.prescale)
             if self._val_planes is not None:
-                train_planes, val_planes = planes, prescale_planes(self._val_planes, cfg.prescale)
+                train_planes, val_planes = planes, self._val_planes
             elif cfg.val_data:
-                train_planes, val_planes = planes, prescale_planes(load_planes(cfg.val_data), cfg.prescale)
-            else:
+                train_planes, val_planes = planes, load_planes(cfg.val_data)
+            else:  # hold out before shrinking, so no held-out image trains at another factor
                 train_planes, val_planes = split_validation(planes, cfg.val_fraction)
+            train_planes = prescale_union(train_planes, cfg.prescale)
+            val_planes = prescale_planes(val_planes, cfg.validation_prescale())
             levels, level_range = cfg.levels()
             self.sampler = PatchSampler(
                 train_planes, cfg.task, cfg.patch_size, levels=levels, level_range=level_range,
