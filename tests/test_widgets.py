@@ -153,6 +153,26 @@ def test_precision_choice_reaches_the_core(make_napari_viewer, qtbot, tiny_model
     assert np.abs(out.data.astype(int) - ref.data.astype(int)).max() <= 3
 
 
+def test_ensemble_checkbox_reaches_the_core(make_napari_viewer, qtbot, tiny_model):
+    """Ticking 'x8 ensemble' gives restore(..., ensemble=True)'s result and records it in the metadata."""
+    from napari_vdsr.core.restore import restore
+
+    viewer = make_napari_viewer()
+    img = (np.random.default_rng(1).random((36, 40)) * 255).astype(np.uint8)
+    viewer.add_image(img, name="grey")
+    w = make_widget(viewer, DenoiseWidget, tiny_model)
+    w._device.value = "cpu"
+    w._precision.value = "float32"
+    assert w._ensemble.value is False
+    w._ensemble.value = True
+    run_and_wait(w, qtbot)
+    out = viewer.layers[-1]
+    assert out.metadata["napari_vdsr"]["ensemble"] is True
+    np.testing.assert_array_equal(out.data, restore(img, task="denoise", model=tiny_model, device="cpu",
+                                                    ensemble=True))
+    np.testing.assert_array_equal(img, viewer.layers["grey"].data)
+
+
 @pytest.mark.parametrize("cls, suffix", [(DenoiseWidget, "denoised"), (DeblockWidget, "deblocked")])
 def test_denoise_and_deblock_keep_shape_dtype_and_place(make_napari_viewer, qtbot, tiny_model, cls, suffix):
     viewer = make_napari_viewer()

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the results (psnr, ssim, per_image, settings) to this JSON file")
     p.add_argument("--generate-lr", action="store_true", help="make LR images from HR even where an LR/ folder exists")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate only the first N images")
+    p.add_argument("--ensemble", action="store_true",
+                   help="score the x8 geometric self-ensemble (mean over 4 rotations x 2 mirror images; 8x the time)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--per-image", action="store_true", help="also print one line per image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _fmt_settings(s: dict[str, Any]) -> str:
     what = s["model"] if s["method"] == "model" else s["method"]
+    if s.get("ensemble"):
+        what += " (x8 self-ensemble)"
     if s["task"] == "sr":
         level = f"x{s['scale']:g}" if isinstance(s["scale"], float) else f"x{s['scale']}"
         extra = f", LR {s['lr']}"
@@ -105,7 +109,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     try:
         for done, total, rec in iter_evaluate(a.dataset, task=a.task, scale=a.scale, model=model, sigma=a.sigma,
                                               quality=a.quality, device=a.device, generate_lr=a.generate_lr,
-                                              limit=a.limit):
+                                              limit=a.limit, ensemble=a.ensemble):
             if done == 0:
                 result.update(rec)
                 bar = tqdm(total=total, desc="evaluate", unit="img", disable=a.quiet, dynamic_ncols=True, file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -91,6 +92,7 @@ class _Job:
     plane: Optional[tuple[int, ...]] = None  # index over the leading axes, for "current plane"
     precision: str = "auto"  # a key of PRECISIONS
     hint: dict[str, Any] = field(default_factory=dict)
+    ensemble: bool = False
 
     @property
     def flat_plane(self) -> Optional[int]:
@@ -121,6 +123,7 @@ def _work(job: _Job):
             device=job.device,
             planes=planes,
             amp=PRECISIONS[job.precision],
+            ensemble=job.ensemble,
         )
         try:
             for ev in gen:
@@ -188,6 +191,11 @@ class RestoreWidget(Container):
             "faster there; results within 1-2 grey levels (<= 0.01 dB PSNR on Set5). Where the CPU has no "
             "native bfloat16 it runs in float32."
         )
+        self._ensemble = CheckBox(label="x8 ensemble", name="ensemble", value=False)
+        self._ensemble.tooltip = (
+            "Average the results of the 4 rotations x 2 mirror images of the image (geometric self-ensemble): "
+            "8x the time for a little more accuracy (about +0.1 dB) and fewer orientation-dependent artifacts."
+        )
         self._extent = RadioButtons(
             label="process", name="extent", choices=[CURRENT_PLANE, WHOLE_STACK], value=CURRENT_PLANE,
             orientation="horizontal", visible=False,
@@ -201,7 +209,7 @@ class RestoreWidget(Container):
 
         self.extend(
             [self._image, self._model, self._model_file, *self._task_widgets(), self._tile, self._device, self._precision,
-             self._extent, self._info, self._buttons]
+             self._ensemble, self._extent, self._info, self._buttons]
         )
 
         self._image.changed.connect(self._update_state)
@@ -347,7 +355,7 @@ class RestoreWidget(Container):
         job = _Job(
             src=src, data=data, task=self.task, scale=self._scale(), model=model, model_label=model_label,
             axes=axes, tile=int(self._tile.value), device=str(self._device.value), plane=plane, hint=self._hint(),
-            precision=str(self._precision.value),
+            precision=str(self._precision.value), ensemble=bool(self._ensemble.value),
         )
         self._warn_outside_training(job)
         return job
@@ -442,6 +450,7 @@ class RestoreWidget(Container):
             "tile": job.tile,
             "device": job.device,
             "precision": job.precision,
+            "ensemble": job.ensemble,
         }
         if job.task == "sr":
             meta["scale"] = job.scale

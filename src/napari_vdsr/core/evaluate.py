@@ -306,15 +306,18 @@ def prepare_sample(
     raise InputError(f"unknown task {task!r}; choose sr, denoise or deblock.")
 
 
-def _run_model(model, plane01: np.ndarray, device, tile: int = 1024) -> np.ndarray:
+def _run_model(model, plane01: np.ndarray, device, tile: int = 1024, ensemble: bool = False) -> np.ndarray:
     """The network on one 2-D plane in [0, 1], full float32 precision (halo tiling, exact)."""
     from .tiling import predict_plane
 
-    return predict_plane(model, plane01.astype(np.float32), tile=tile, device=device, amp=False).astype(np.float64)
+    return predict_plane(model, plane01.astype(np.float32), tile=tile, device=device, amp=False,
+                         ensemble=ensemble).astype(np.float64)
 
 
-def score_sample(sample: EvalSample, model=None, device="cpu") -> tuple[dict[str, Any], np.ndarray]:
+def score_sample(sample: EvalSample, model=None, device="cpu", ensemble: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Restore one :class:`EvalSample` (``model=None``: the input itself) and score it.
+
+    ``ensemble``: the geometric self-ensemble of :func:`~napari_vdsr.core.tiling.ensemble_net`.
 
     Returns
     -------
@@ -325,7 +328,7 @@ def score_sample(sample: EvalSample, model=None, device="cpu") -> tuple[dict[str
     if model is None:
         out = sample.inp.copy()
     else:
-        out = _run_model(model, sample.inp / sample.peak, device) * sample.peak
+        out = _run_model(model, sample.inp / sample.peak, device, ensemble=ensemble) * sample.peak
     if sample.quantize:
         out = np.round(out)
     out = np.clip(out, 0.0, sample.peak)
@@ -366,6 +369,7 @@ def iter_evaluate(
     device: str = "auto",
     generate_lr: bool = False,
     limit: int | None = None,
+    ensemble: bool = False,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Evaluate image by image; yields ``(done, total, record)`` after each image.
 
@@ -403,6 +407,7 @@ def iter_evaluate(
         "lr_dir": str(lr_dir) if lr_dir is not None else None,
         "lr": ("given" if lr_dir is not None else "generated") if task == "sr" else None,
         "method": "model" if net is not None else label,
+        "ensemble": bool(ensemble and net is not None),
         "model": label if net is not None else None,
         "model_path": card.get("path"),
         "device": str(dev),
@@ -417,7 +422,7 @@ def iter_evaluate(
             if not lr_path.is_file():
                 raise InputError(f"{lr_dir} has no LR image {f.name} for {f}; add it, or pass --generate-lr to make all LR images from HR.")
         sample = prepare_sample(f, i, task=task, scale=scale, lr_path=lr_path, sigma=sigma, quality=quality)
-        rec, _ = score_sample(sample, net, dev)
+        rec, _ = score_sample(sample, net, dev, ensemble=ensemble)
         yield i + 1, len(files), rec
 
 
@@ -432,6 +437,7 @@ def evaluate_dataset(
     progress: Optional[Callable[[int, int, dict], Any]] = None,
     generate_lr: bool = False,
     limit: int | None = None,
+    ensemble: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model (or the bicubic / input baseline) on a dataset with the paper's protocol.
 
@@ -459,6 +465,9 @@ def evaluate_dataset(
         Make LR images from HR even where an ``LR/`` folder exists.
     limit : int, optional
         Evaluate only the first ``limit`` images.
+    ensemble : bool
+        Score the geometric self-ensemble (mean over the 8 rotations / mirror images;
+        8x the time) instead of one forward pass.
 
     Returns
     -------
@@ -475,7 +484,8 @@ def evaluate_dataset(
     per_image: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     for done, total, rec in iter_evaluate(dataset_dir, task=task, scale=scale, model=model, sigma=sigma,
-                                          quality=quality, device=device, generate_lr=generate_lr, limit=limit):
+                                          quality=quality, device=device, generate_lr=generate_lr, limit=limit,
+                                          ensemble=ensemble):
         if done == 0:
             result.update(rec)
             continue

@@ -202,6 +202,7 @@ def restore_dask(
     tile: int = DEFAULT_TILE,
     device: str | torch.device = "auto",
     amp: Optional[bool] = None,
+    ensemble: bool = False,
 ):
     """Restore a dask (or any) array lazily; returns a dask array of the result.
 
@@ -231,7 +232,7 @@ def restore_dask(
         ax0 = normalize_axes(axes, arr.shape, rgb)
         chunks = tuple(DEFAULT_CHUNK if c in "YX" else (-1 if c == "S" else 1) for c in ax0)
         image = da.from_array(arr, chunks=chunks)
-    job = _prepare(image, task, scale, model, axes, rgb, tile, device, None, amp=amp, resolve=False)
+    job = _prepare(image, task, scale, model, axes, rgb, tile, device, None, amp=amp, resolve=False, ensemble=ensemble)
     x = job.img
     net = copy.deepcopy(job.net).cpu().eval()  # later changes to the caller's module do not leak in
     halo = halo_for(net)
@@ -260,7 +261,7 @@ def restore_dask(
         device=device, iy=iy, ix=ix, by=by, bx=bx, gy=gy, gx=gx, dy=dy, dx=dx,
     )
     name = "vdsr-" + task + "-" + tokenize(
-        x.name, ax, job.out_hw, job.tile, str(device), amp, inten.lo, inten.hi, _net_digest(net)
+        x.name, ax, job.out_hw, job.tile, str(device), amp, job.ensemble, inten.lo, inten.hi, _net_digest(net)
     )
     return da.map_blocks(
         partial(_restore_block, spec=spec), xo, chunks=tuple(out_chunks), dtype=job.dtype,
