@@ -175,6 +175,11 @@ def write_markdown(results: dict, path: Path, limit) -> None:
         note = f" ({m['compute_note']})" if m.get("compute_note") else ""
         L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours{note}")
     L += ["", "Training recipes, the log and the validation PSNR against steps: [training.md](training.md).", ""]
+    if any("ensemble_psnr" in c for c in results["cells"]):
+        L += ["The last column of a table is the x8 geometric self-ensemble of the same model (`napari-vdsr "
+              "evaluate --ensemble`, `restore(..., ensemble=True)`: the mean over 4 rotations x 2 mirror images, "
+              "8x the time); the published numbers, the targets and the \"ours\" column are single forward passes. "
+              "\"not run\": measured without it (CPU time).", ""]
     heads = {
         "sr": ("Super-resolution (PSNR dB / SSIM on Y)", "scale", ["bicubic", "VDSR paper", "SRCNN"]),
         "denoise": ("Blind Gaussian denoising, BSD68 (PSNR dB / SSIM)", "σ", ["noisy input", "DnCNN-B", "BM3D"]),
