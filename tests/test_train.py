@@ -234,6 +234,30 @@ def test_cli_train_then_resume_equals_straight(image_dir: Path, tmp_path: Path) 
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_takes_the_saved_recipe_unless_given_again(image_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--resume` with only --data/--out continues the saved recipe exactly; options given again override it."""
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet"]
+    recipe = ["--scales", "2", "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8",
+              "--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "step", "--lr-step", "15", "--val-every", "10",
+              "--val-crop", "32", "--seed", "1", "--micro-batch", "2", "--prescale", "1.25"]
+    assert cli_main(common + recipe + ["--iterations", "30", "--out", str(tmp_path / "a")]) == 0
+    assert cli_main(common + recipe + ["--iterations", "12", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    # only the step count is given again (as an unambiguous prefix): every other setting comes from config.json
+    assert cli_main(common + ["--micro-batch", "2", "--iter=30", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "changed on the command line: iterations 12 -> 30" in err
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["prescale"] == [1.25] and saved["lr"] == 0.01 and saved["depth"] == 3 and saved["optimizer"] == "sgd"
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # an option given again wins and is reported
+    assert cli_main(common + ["--lr", "0.005", "--iterations", "32", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert "lr 0.01 -> 0.005" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == 0.005
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(image_dir: Path, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
     tr = Trainer(_cfg(run, [str(image_dir)], iterations=10, checkpoint_every=5, val_every=100))

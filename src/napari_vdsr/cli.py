@@ -124,6 +124,68 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     return TrainConfig(**kw)
 
 
+#: TrainConfig fields that ``--resume`` takes from RUN_DIR/config.json unless the command line
+#: gives them again (the recipe; device, workers, micro-batches and checkpoint timing follow
+#: the command line, as they belong to the machine)
+_RESUME_KEEP = (
+    "data", "task", "scales", "scale_range", "sigma_range", "noise_model", "photon_range", "read_noise",
+    "quality_range", "iterations", "batch_size", "patch_size", "depth", "width", "optimizer", "lr", "lr_schedule",
+    "lr_step", "lr_gamma", "momentum", "weight_decay", "clip_theta", "seed", "amp", "prescale", "val_prescale",
+    "val_fraction", "val_data", "val_every", "val_crop", "init_from", "transfer", "start_step", "name",
+)
+#: command-line destinations whose TrainConfig field has another name
+_DEST_FIELD = {"no_amp": "amp", "images": "data", "scale": "scales"}
+
+
+def _given_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """TrainConfig fields set explicitly in ``argv`` (long options, unique prefixes and ``--opt=value``)."""
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public map of option strings
+    given: set[str] = set()
+    for tok in argv:
+        if not tok.startswith("--"):
+            continue
+        opt = tok.split("=", 1)[0]
+        hits = {id(a): a for s, a in actions.items() if s == opt} or {
+            id(a): a for s, a in actions.items() if s.startswith(opt)}
+        if len(hits) == 1:
+            dest = next(iter(hits.values())).dest
+            given.add(_DEST_FIELD.get(dest, dest))
+    if "optimizer" in given:  # the defaults of these follow the optimiser
+        given |= {"lr", "clip_theta", "weight_decay"}
+    return given
+
+
+def _resume_config(cfg, a: argparse.Namespace):
+    """With ``--resume``: the run's saved recipe, overridden only by options given again.
+
+    Returns ``cfg`` unchanged without ``--resume`` or without RUN_DIR/config.json.  Prints
+    what the command line changes, so that a resumed run never changes recipe silently.
+    """
+    import json
+
+    from .core.train import TrainConfig
+
+    saved_path = Path(cfg.out) / "config.json" if cfg.out else None
+    argv, parser = getattr(a, "_argv", None), getattr(a, "_parser", None)
+    if not getattr(a, "resume", False) or saved_path is None or not saved_path.is_file() or argv is None or parser is None:
+        return cfg
+    saved = json.loads(saved_path.read_text())
+    given = _given_fields(parser, argv)
+    new = cfg.model_dump(mode="json")
+    merged, changed = dict(new), []
+    for k in _RESUME_KEEP:
+        if k not in saved:
+            continue
+        if k in given:
+            if saved[k] != new[k]:
+                changed.append(f"{k} {saved[k]} -> {new[k]}")
+        else:
+            merged[k] = saved[k]
+    print(f"napari-vdsr: resuming {cfg.out} with the settings saved in config.json"
+          + (f"; changed on the command line: {', '.join(changed)}" if changed else ""), file=sys.stderr)
+    return TrainConfig(**merged)
+
+
 def _run_training(trainer, quiet: bool) -> int:
     import signal
     import threading
@@ -177,7 +239,7 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from .core.train import Trainer
 
-    cfg = _config_from_args(a)
+    cfg = _resume_config(_config_from_args(a), a)
     return _run_training(Trainer(cfg, resume=a.resume), a.quiet)
 
 
@@ -200,6 +262,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         out=a.out, name=cfg.name, **overrides,
     )
     trainer.resume = a.resume
+    trainer.config = _resume_config(trainer.config, a)
     return _run_training(trainer, a.quiet)
 
 
@@ -209,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (the paper's recipe with adjustable gradient clipping)",
                        description="Train a VDSR model. Checkpoints in RUN_DIR; --resume continues exactly.")
     _add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, _parser=p)
     p = sub.add_parser("finetune", help="fine-tune a model (default: the bundled one) on your own images",
                        description="Fine-tune a model on clean images (degradations synthesised) or a registered pair. "
                                    "RUN_DIR then works as --model RUN_DIR.")
     _add_train_args(p, finetune=True)
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, _parser=p)
     __import__("napari_vdsr._cli_evaluate", fromlist=["register"]).register(sub)  # evaluate, demo
     __import__("napari_vdsr._cli_predict", fromlist=["register"]).register(sub)  # predict, models
     return parser
@@ -226,6 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # which options were given (train --resume)
     try:
         return int(args.func(args) or 0)
     except VDSRError as exc:
