@@ -246,7 +246,7 @@ def test_resume_takes_the_saved_recipe_unless_given_again(image_dir: Path, tmp_p
     # only the step count is given again (as an unambiguous prefix): every other setting comes from config.json
     assert cli_main(common + ["--micro-batch", "2", "--iter=30", "--out", str(tmp_path / "b"), "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "changed on the command line: iterations 12 -> 30" in err
+    assert "changed on the command line: iterations 12 -> 30" in err and "resumed at step 12" in err
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["prescale"] == [1.25] and saved["lr"] == 0.01 and saved["depth"] == 3 and saved["optimizer"] == "sgd"
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")

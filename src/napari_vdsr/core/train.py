@@ -411,6 +411,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.resume = resume
+        self.resumed = False  # set when a checkpoint was actually loaded
         self.card_extra = dict(card_extra or {})
         self._stop = threading.Event()
         self._planes = planes
@@ -534,7 +535,9 @@ class Trainer:
         self.step = 0
         self.best = -math.inf
         self.compute_seconds = 0.0
+        self.resumed = False
         if self.resume and self.out and (self.out / CHECKPOINT_NAME).exists():
+            self.resumed = True
             ck = load_checkpoint(self.out / CHECKPOINT_NAME)
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
@@ -738,7 +741,8 @@ class Trainer:
         base_model_psnr = self._base_model_psnr() if self.is_main else None
         start = TrainEvent("start", self.step, total, message=(
             f"{self.n_train_planes} training planes, {self.n_val_planes} validation planes, device {self.device}"
-            + (f", resumed at step {self.step}" if self.step else "")
+            + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
+               if self.step else "")
         ), val_base_model_psnr=base_model_psnr)
         self._log(start)
         yield start
