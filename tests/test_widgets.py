@@ -66,6 +66,17 @@ def make_widget(viewer, cls, model_path: str):
     return w
 
 
+def grey_float32_widget(make_napari_viewer, cls, model_path: str, shape: tuple[int, int], seed: int):
+    """A viewer with a random uint8 layer "grey" and a ``cls`` widget set to the CPU in float32."""
+    viewer = make_napari_viewer()
+    img = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
+    viewer.add_image(img, name="grey")
+    w = make_widget(viewer, cls, model_path)
+    w._device.value = "cpu"
+    w._precision.value = "float32"
+    return viewer, img, w
+
+
 def shown(widget) -> bool:
     """Not explicitly hidden (``visible`` is False for every widget of an unshown test viewer)."""
     return not widget.native.isHidden()
@@ -137,12 +148,7 @@ def test_precision_choice_reaches_the_core(make_napari_viewer, qtbot, tiny_model
         return real(*a, **k)
 
     monkeypatch.setattr(_restore, "restore_iter", spy)
-    viewer = make_napari_viewer()
-    img = (np.random.default_rng(0).random((40, 44)) * 255).astype(np.uint8)
-    viewer.add_image(img, name="grey")
-    w = make_widget(viewer, SuperResolveWidget, tiny_model)
-    w._device.value = "cpu"
-    w._precision.value = "float32"
+    viewer, _, w = grey_float32_widget(make_napari_viewer, SuperResolveWidget, tiny_model, (40, 44), seed=0)
     run_and_wait(w, qtbot)
     w._precision.value = choice
     run_and_wait(w, qtbot)
@@ -157,12 +163,7 @@ def test_ensemble_checkbox_reaches_the_core(make_napari_viewer, qtbot, tiny_mode
     """Ticking 'x8 ensemble' gives restore(..., ensemble=True)'s result and records it in the metadata."""
     from napari_vdsr.core.restore import restore
 
-    viewer = make_napari_viewer()
-    img = (np.random.default_rng(1).random((36, 40)) * 255).astype(np.uint8)
-    viewer.add_image(img, name="grey")
-    w = make_widget(viewer, DenoiseWidget, tiny_model)
-    w._device.value = "cpu"
-    w._precision.value = "float32"
+    viewer, img, w = grey_float32_widget(make_napari_viewer, DenoiseWidget, tiny_model, (36, 40), seed=1)
     assert w._ensemble.value is False
     w._ensemble.value = True
     run_and_wait(w, qtbot)
