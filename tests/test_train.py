@@ -172,6 +172,76 @@ def test_resume_is_bit_exact(image_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
 
 
+def test_ema_follows_its_recurrence_and_is_what_the_run_exports(image_dir: Path, tmp_path: Path) -> None:
+    """ema: e <- d e + (1 - d) w after every step, d = min(ema, (1 + n) / (10 + n)); validated and exported."""
+    run = tmp_path / "ema"
+    tr = Trainer(_cfg(run, [str(image_dir)], iterations=12, val_every=12, ema=0.8))
+    ema: dict[str, torch.Tensor] = {}
+    n = 0
+    vals = []
+    for ev in tr.run():
+        if ev.kind == "start":
+            ema = {k: v.detach().clone().double() for k, v in tr.model.named_parameters()}
+        elif ev.kind == "step":
+            d = min(0.8, (1 + n) / (10 + n))
+            for k, w in tr.model.named_parameters():
+                ema[k] = d * ema[k] + (1 - d) * w.detach().double()
+            n += 1
+        elif ev.kind == "val":
+            vals.append(ev)
+    got = dict(tr.ema_model.named_parameters())
+    for k in ema:
+        torch.testing.assert_close(got[k].double(), ema[k], rtol=0, atol=1e-6)
+    # the average differs from the trained weights, and it is the one validated and exported
+    assert any(not torch.equal(got[k], w) for k, w in tr.model.named_parameters())
+    (val,) = vals
+    assert val.val_raw_psnr is not None and val.val_psnr != val.val_raw_psnr
+    exported, card = load_model(run / "best.safetensors")
+    for k, w in exported.named_parameters():
+        assert torch.equal(w.detach(), got[k].detach()), k
+    assert card["training"]["recipe"]["ema"] == 0.8
+    assert card["metrics"]["validation"]["raw_psnr"] == pytest.approx(val.val_raw_psnr)
+
+
+def test_resume_with_ema_is_bit_exact_and_ema_can_start_on_resume(image_dir: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    list(train(_cfg(straight, [str(image_dir)], iterations=20, ema=0.9)))
+    split = tmp_path / "split"
+    tr = Trainer(_cfg(split, [str(image_dir)], iterations=20, ema=0.9))
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 10:
+            tr.stop()
+    list(Trainer(_cfg(split, [str(image_dir)], iterations=20, ema=0.9), resume=True).run())
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a["ema_updates"] == b["ema_updates"] == 20
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # a run without an average gets one from the step it is resumed with ema: it starts at the current weights
+    plain = tmp_path / "plain"
+    tr = Trainer(_cfg(plain, [str(image_dir)], iterations=20))
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 10:
+            tr.stop()
+    assert load_checkpoint(plain)["ema"] is None
+    tr = Trainer(_cfg(plain, [str(image_dir)], iterations=10, ema=0.9), resume=True)
+    tr._setup()
+    for k, w in tr.model.state_dict().items():
+        assert torch.equal(tr.ema_model.state_dict()[k], w), k
+    with pytest.raises(ValueError):
+        _cfg(None, [str(image_dir)], ema=1.0)
+
+
+def test_cli_resume_keeps_ema(image_dir: Path, tmp_path: Path) -> None:
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]
+    recipe = ["--scales", "2", "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8",
+              "--val-every", "5", "--val-crop", "32", "--ema", "0.95"]
+    assert cli_main(common + recipe + ["--iterations", "5"]) == 0
+    assert cli_main(common + ["--iterations", "8", "--resume"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["ema"] == 0.95
+    assert load_checkpoint(tmp_path / "r")["ema_updates"] == 8
+
+
 def test_worker_processes_give_the_same_run(image_dir: Path, tmp_path: Path) -> None:
     """Batches drawn ahead in worker processes are the in-process batches: same weights, same resume."""
     from napari_vdsr.core.train import BatchPrefetcher

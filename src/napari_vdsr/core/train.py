@@ -86,6 +86,11 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     clip_theta: Optional[float] = Field(0.01, gt=0, description="adjustable clipping: |g| <= theta / lr")
+    ema: Optional[float] = Field(
+        None, gt=0, lt=1,
+        description="keep an exponential moving average of the weights with this decay per step (e.g. 0.999: "
+                    "about the last 1,000 steps) and validate, keep and export the average instead of the raw "
+                    "weights; it smooths the step-to-step noise of the optimiser. None: off")
     seed: int = 0
     device: str = "auto"
     amp: bool = Field(True, description="mixed precision on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16)")
@@ -193,7 +198,9 @@ class TrainEvent:
     ``kind`` is ``start``, ``step``, ``val``, ``checkpoint``, ``done`` or ``stopped``.
     PSNRs are on the [0, 1] → 255 scale over the validation set; ``val_baseline_psnr``
     is the degraded input (bicubic for SR), ``val_base_model_psnr`` the model training
-    started from (fine-tuning), ``val_per_level`` per scale / σ / quality.
+    started from (fine-tuning), ``val_per_level`` per scale / σ / quality.  With
+    ``TrainConfig.ema`` the validated weights are the moving average, and
+    ``val_raw_psnr`` is the optimiser's own weights at that step.
     """
 
     kind: str
@@ -206,6 +213,7 @@ class TrainEvent:
     val_base_model_psnr: Optional[float] = None
     val_per_level: Optional[dict[str, float]] = None
     best_psnr: Optional[float] = None
+    val_raw_psnr: Optional[float] = None
     elapsed: float = 0.0
     message: str = ""
     path: Optional[str] = None
@@ -536,6 +544,9 @@ class Trainer:
         self.best = -math.inf
         self.compute_seconds = 0.0
         self.resumed = False
+        self.ema_model: Optional[VDSR] = None
+        self.ema_updates = 0
+        ck = None
         if self.resume and self.out and (self.out / CHECKPOINT_NAME).exists():
             self.resumed = True
             ck = load_checkpoint(self.out / CHECKPOINT_NAME)
@@ -554,6 +565,37 @@ class Trainer:
             self.step = min(cfg.start_step, cfg.iterations)
             if self.base_card:
                 self.compute_seconds = float(self.base_card.get("training", {}).get("compute_hours", 0.0)) * 3600.0
+        if cfg.ema:
+            # the average starts from the weights training starts from (a run resumed without
+            # an average, e.g. --ema given on --resume, starts one here)
+            self.ema_model = VDSR(cfg.depth, cfg.width).to(self.device).to(memory_format=memory_format(self.device))
+            if ck is not None and ck.get("ema") is not None:
+                self.ema_model.load_state_dict(ck["ema"])
+                self.ema_updates = int(ck.get("ema_updates", 0))
+            else:
+                self.ema_model.load_state_dict(self.model.state_dict())
+            self.ema_model.eval().requires_grad_(False)
+
+    def _ema_decay(self) -> float:
+        """Decay of the next update: ``ema``, lower for the first updates so that a random start fades fast."""
+        n = self.ema_updates
+        return min(float(self.config.ema), (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_model is None:
+            return
+        d = self._ema_decay()
+        for e, p in zip(self.ema_model.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            e.copy_(b)
+        self.ema_updates += 1
+
+    @property
+    def result_model(self) -> torch.nn.Module:
+        """The weights the run produces: the moving average with ``ema``, else the trained weights."""
+        return self.ema_model if self.ema_model is not None else self.model
 
     # ------------------------------------------------------------------ pieces
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -609,6 +651,7 @@ class Trainer:
             clip_gradients(params, cfg.clip_theta, lr, count=False)
         self.scaler.step(self.opt)
         self.scaler.update()
+        self._update_ema()
         if self.distributed:
             torch.distributed.all_reduce(mse)
             mse /= self.world
@@ -641,7 +684,7 @@ class Trainer:
         """Mean PSNR (8-bit rounding, shaved border) of the model and of the degraded input."""
         from .evaluate import psnr
 
-        model = model if model is not None else self.model
+        model = model if model is not None else self.result_model
         was_training = model.training
         model.eval()
         ours, base = [], []
@@ -676,6 +719,8 @@ class Trainer:
             "compute_seconds": self.compute_seconds,
             "config": json.loads(self.config.model_dump_json()),
             "base_state": self.base_state,
+            "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
+            "ema_updates": self.ema_updates,
             "format": "napari-vdsr-checkpoint/1",
         }
         path = self.out / CHECKPOINT_NAME
@@ -712,7 +757,7 @@ class Trainer:
             return None
         from .weights import save_model
 
-        return save_model(self.model, self.out / f"{name}.safetensors", self.card(metrics))
+        return save_model(self.result_model, self.out / f"{name}.safetensors", self.card(metrics))
 
     def _log(self, ev: TrainEvent) -> None:
         d = ev.to_dict()
@@ -769,7 +814,10 @@ class Trainer:
             yield ev
             if val_due:
                 vp, bp, per = self._validate()
+                raw = self._validate(self.model)[0] if self.ema_model is not None else None
                 last_metrics = {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step}
+                if raw is not None:
+                    last_metrics["raw_psnr"] = raw
                 if base_model_psnr is not None:
                     last_metrics["base_model_psnr"] = base_model_psnr
                 improved = vp > self.best
@@ -778,7 +826,7 @@ class Trainer:
                     self.best_path = self._export("best", last_metrics)
                 vev = TrainEvent("val", self.step, total, val_psnr=vp, val_baseline_psnr=bp,
                                  val_base_model_psnr=base_model_psnr, val_per_level=per,
-                                 best_psnr=self.best, elapsed=time.monotonic() - t0,
+                                 best_psnr=self.best, val_raw_psnr=raw, elapsed=time.monotonic() - t0,
                                  path=str(self.best_path) if improved and self.best_path else None)
                 self._log(vev)
                 yield vev
