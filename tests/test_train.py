@@ -232,14 +232,24 @@ def test_resume_with_ema_is_bit_exact_and_ema_can_start_on_resume(image_dir: Pat
         _cfg(None, [str(image_dir)], ema=1.0)
 
 
-def test_cli_resume_keeps_ema(image_dir: Path, tmp_path: Path) -> None:
+def test_cli_resume_keeps_ema(image_dir: Path, tmp_path: Path, capsys) -> None:
     common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]
     recipe = ["--scales", "2", "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8",
-              "--val-every", "5", "--val-crop", "32", "--ema", "0.95"]
+              "--val-every", "5", "--val-crop", "32"]
     assert cli_main(common + recipe + ["--iterations", "5"]) == 0
-    assert cli_main(common + ["--iterations", "8", "--resume"]) == 0
+    capsys.readouterr()
+    assert cli_main(common + ["--iterations", "8", "--resume", "--ema", "0.95"]) == 0
+    assert "ema None -> 0.95" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "r")["ema_updates"] == 3
+    assert cli_main(common + ["--iterations", "10", "--resume"]) == 0  # kept without being given again
     assert json.loads((tmp_path / "r" / "config.json").read_text())["ema"] == 0.95
-    assert load_checkpoint(tmp_path / "r")["ema_updates"] == 8
+    assert load_checkpoint(tmp_path / "r")["ema_updates"] == 5
+    # a run saved before the option existed (no "ema" in config.json) is told where the value came from
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    del saved["ema"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    assert cli_main(common + ["--iterations", "11", "--resume", "--ema", "0.9"]) == 0
+    assert "ema (not in config.json) -> 0.9" in capsys.readouterr().err
 
 
 def test_worker_processes_give_the_same_run(image_dir: Path, tmp_path: Path) -> None:

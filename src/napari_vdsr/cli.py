@@ -177,7 +177,9 @@ def _resume_config(cfg, a: argparse.Namespace):
     new = cfg.model_dump(mode="json")
     merged, changed = dict(new), []
     for k in _RESUME_KEEP:
-        if k not in saved:
+        if k not in saved:  # a run saved before this option existed: the command line decides
+            if k in given:
+                changed.append(f"{k} (not in config.json) -> {new[k]}")
             continue
         if k in given:
             if saved[k] != new[k]:
