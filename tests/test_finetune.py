@@ -88,10 +88,11 @@ def test_cli_finetune_then_predict_model_dir(tiny_base: Path, stack: np.ndarray,
     rc = cli_main(["finetune", "--images", str(tif), "--task", "sr", "--scale", "2", "--iterations", "6",
                    "--batch-size", "4", "--patch-size", "24", "--from", str(tiny_base), "--clip-theta", "0.01",
                    "--val-every", "3", "--device", "cpu", "--out", str(out), "--quiet", "--prescale", "1", "1.5",
-                   "--val-prescale", "1"])
+                   "--val-prescale", "1", "--ema", "0.9"])
     assert rc == 0
     card = json.loads((out / "best.json").read_text())
     assert card["training"]["recipe"]["clip_theta"] == 0.01
+    assert card["training"]["recipe"]["ema"] == 0.9 and "raw_psnr" in card["metrics"]["validation"]
     assert card["training"]["recipe"]["prescale"] == [1.0, 1.5]  # finetune honours --prescale
     assert card["training"]["recipe"]["val_prescale"] == 1.0
     assert card["training"]["recipe"]["init_from"] == str(tiny_base)
