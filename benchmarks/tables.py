@@ -179,7 +179,8 @@ def write_markdown(results: dict, path: Path, limit) -> None:
         L += ["The last column of a table is the x8 geometric self-ensemble of the same model (`napari-vdsr "
               "evaluate --ensemble`, `restore(..., ensemble=True)`: the mean over 4 rotations x 2 mirror images, "
               "8x the time); the published numbers, the targets and the \"ours\" column are single forward passes. "
-              "\"not run\": measured without it (CPU time).", ""]
+              "\"not run\": measured without it (CPU time); a table without that column: not yet measured "
+              "for that model's current weights.", ""]
     heads = {
         "sr": ("Super-resolution (PSNR dB / SSIM on Y)", "scale", ["bicubic", "VDSR paper", "SRCNN"]),
         "denoise": ("Blind Gaussian denoising, BSD68 (PSNR dB / SSIM)", "σ", ["noisy input", "DnCNN-B", "BM3D"]),

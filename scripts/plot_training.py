@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"sr": "sr-multiscale", "sr-prescale": "sr-prescale2", "denoise": "denoise", "deblock": "deblock"}
+#: the runs behind each bundled model, in the order they continued one another
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "denoise": ["denoise", "denoise-s7"],
+        "deblock": ["deblock", "deblock-s7"]}
 TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
@@ -24,20 +26,27 @@ TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR fro
 
 def read_curves(runs: Path) -> dict:
     curves = {}
-    for task, run in RUNS.items():
-        log = runs / run / "log.jsonl"
-        if not log.exists():
+    for task, run_names in RUNS.items():
+        points = []
+        for run in run_names:
+            log = runs / run / "log.jsonl"
+            if not log.exists():
+                continue
+            lr_at = {}
+            for line in log.read_text().splitlines():
+                d = json.loads(line)
+                if d["kind"] == "step" and "lr" in d:
+                    lr_at[d["step"]] = d["lr"]
+                if d["kind"] == "val":
+                    pt = {"step": d["step"], "psnr": round(d["val_psnr"], 4),
+                          "per_level": {k: round(v, 4) for k, v in d["val_per_level"].items()},
+                          "input": round(d["val_baseline_psnr"], 4),
+                          "device": d.get("device", "CPU"), "lr": lr_at.get(d["step"])}
+                    if "val_raw_psnr" in d:  # --ema: psnr is the moving average, raw the optimiser's weights
+                        pt["raw"] = round(d["val_raw_psnr"], 4)
+                    points.append(pt)
+        if not points:
             continue
-        points, lr_at = [], {}
-        for line in log.read_text().splitlines():
-            d = json.loads(line)
-            if d["kind"] == "step" and "lr" in d:
-                lr_at[d["step"]] = d["lr"]
-            if d["kind"] == "val":
-                points.append({"step": d["step"], "psnr": round(d["val_psnr"], 4),
-                               "per_level": {k: round(v, 4) for k, v in d["val_per_level"].items()},
-                               "input": round(d["val_baseline_psnr"], 4),
-                               "device": d.get("device", "CPU"), "lr": lr_at.get(d["step"])})
         # a later run that resumed from an earlier step replaces the points it re-did
         clean: list[dict] = []
         for p in points:
@@ -60,6 +69,10 @@ def draw(curves: dict, out: Path) -> None:
         lo = min(p["psnr"] for p in pts[len(pts) // 5:])
         ax.set_ylim(lo - 0.3, max(p["psnr"] for p in pts) + 0.15)
         ax.plot(steps, [p["psnr"] for p in pts], "k.-", lw=1.5, ms=3, label="mean over levels")
+        raw = [p for p in pts if "raw" in p]
+        if raw:
+            ax.plot([p["step"] for p in raw], [p["raw"] for p in raw], ".", color="0.6", ms=3,
+                    label="raw weights (black: their --ema average)")
         prev = None
         for p in pts:  # learning-rate changes
             if p["lr"] is not None and prev is not None and abs(p["lr"] - prev) > 1e-12:

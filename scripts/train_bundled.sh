@@ -20,12 +20,18 @@ case $task in
   # the bundled step 54,500 stays the best SR model. Check benchmarks/referee.py before bundling.
   sr)      name=vdsr-sr-x234;  seed=1
            args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 1e-5 --lr-schedule constant) ;;
-  denoise) name=vdsr-denoise;  args=(--sigma-range 0 55 --iterations 30000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
-  deblock) name=vdsr-deblock;  args=(--quality-range 5 50 --iterations 40000 --patch-size 48 --lr-step 8000 --lr 1e-4) ;;
+  # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
+  # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
+  denoise) name=vdsr-denoise;  seed=7
+           args=(--sigma-range 0 55 --iterations 200000 --patch-size 48 --lr 3e-5 --lr-schedule constant --ema 0.999) ;;
+  deblock) name=vdsr-deblock;  seed=7
+           args=(--quality-range 5 50 --iterations 200000 --patch-size 48 --lr 3e-5 --lr-schedule constant --ema 0.999) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 run=runs/$task
 [ "$task" = sr ] && run=runs/sr-prescale2
+[ "$task" = denoise ] && run=runs/denoise-s7
+[ "$task" = deblock ] && run=runs/deblock-s7
 common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
