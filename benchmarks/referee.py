@@ -71,16 +71,16 @@ def bm3d_dataset(folder: Path, sigma: float) -> dict:
         import bm3d
     except ImportError as exc:
         raise SystemExit("the 'bm3d' reference needs the optional bm3d package: pip install bm3d") from exc
-    from napari_vdsr.core.evaluate import _list_images, find_dataset, prepare_sample, psnr
+    from dataclasses import replace
+
+    from napari_vdsr.core.evaluate import _list_images, find_dataset, prepare_sample, score_sample
 
     hr_dir, _ = find_dataset(folder, None)
     scores = []
     for i, f in enumerate(_list_images(hr_dir)):
         s = prepare_sample(f, i, task="denoise", sigma=sigma)  # the same noisy input as evaluate's
         out = np.asarray(bm3d.bm3d(s.inp / s.peak, sigma / 255.0), np.float64) * s.peak
-        if s.quantize:
-            out = np.round(out)
-        scores.append(psnr(np.clip(out, 0.0, s.peak), s.target, shave=s.shave, peak=s.peak))
+        scores.append(score_sample(replace(s, inp=out))[0]["psnr"])  # scored as evaluate scores a model
     return {"psnr": float(np.mean(scores))}
 
 

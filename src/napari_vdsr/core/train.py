@@ -13,6 +13,7 @@ of a run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -568,13 +569,10 @@ class Trainer:
         if cfg.ema:
             # the average starts from the weights training starts from (a run resumed without
             # an average, e.g. --ema given on --resume, starts one here)
-            self.ema_model = VDSR(cfg.depth, cfg.width).to(self.device).to(memory_format=memory_format(self.device))
+            self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if ck is not None and ck.get("ema") is not None:
                 self.ema_model.load_state_dict(ck["ema"])
                 self.ema_updates = int(ck.get("ema_updates", 0))
-            else:
-                self.ema_model.load_state_dict(self.model.state_dict())
-            self.ema_model.eval().requires_grad_(False)
 
     def _ema_decay(self) -> float:
         """Decay of the next update: ``ema``, lower for the first updates so that a random start fades fast."""
