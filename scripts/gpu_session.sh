@@ -11,6 +11,12 @@
 #   $G/whl/*.whl                       wheels of packages missing there (pydantic, ...), optional
 #   $G/train/*.png                     training images (here: SunHays80 as 8-bit luminance, to travel light)
 #   $G/init/{sr,denoise,deblock}.safetensors + .json   weights to continue from (e.g. runs/*/best.*)
+#   $G/resume/<task>/                  a run folder (checkpoint.pt, config.json, ...) to resume exactly
+#                                      instead (--resume; batch 64 and the GPU's workers override)
+#   $G/referee/                        clean validation photos for the task srpaper
+# Tasks: sr, denoise, deblock (continue a model), srpaper (the paper's SR recipe from scratch:
+# SGD 0.1 /10 every 2,490 steps, θ 0.001, 9,960 steps of batch 64, on the training images shrunk
+# by 2, validated on $G/referee).
 # Each run continues its model with --from ... --start-step <its step>; the lr schedule goes on,
 # Adam moments restart.  SIGINT at the deadline: every run checkpoints and exports best/last.
 # Afterwards: $OUT/<task>.tar holds the run folder (checkpoint.pt, best/last, log.jsonl, train.log).
@@ -55,16 +61,32 @@ common=(--data "$G/train" --batch-size 64 --optimizer adam --lr 1e-4 --lr-schedu
 declare -A extra=(
   [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-2} --lr-step ${SR_LR_STEP:-30000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
   [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
+  [srpaper]="--task sr --scales 2 3 4 --patch-size 41 --prescale 2 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-theta ${PAPER_THETA:-0.001} --lr-schedule step --lr-step 2490 --lr-gamma 0.1 --iterations 9960 --val-data $G/referee --val-prescale 1 --workers ${SR_WORKERS:-7} --name vdsr-sr-x234"
   [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"
 )
 train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))
 echo "training for $train_seconds s" | tee -a "$OUT/gpu.txt"
 pids=()
 for t in $TASKS; do
+  mkdir -p "$RUNS/$t"
+  if [ -f "$G/resume/$t/checkpoint.pt" ]; then
+    cp -r "$G/resume/$t/." "$RUNS/$t/"
+    w=${extra[$t]##*--workers }; w=${w%% *}
+    timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train --resume --out "$RUNS/$t" --data "$G/train" \
+        --device "$DEVICE" --batch-size 64 --workers "$w" --checkpoint-minutes 2 --val-every 500 --quiet \
+        > "$RUNS/$t/train.log" 2>&1 &
+    pids+=($!); continue
+  fi
+  if [ "$t" = srpaper ]; then
+    # shellcheck disable=SC2086
+    timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train --data "$G/train" --batch-size 64 \
+        --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]} --out "$RUNS/$t" --quiet \
+        > "$RUNS/$t/train.log" 2>&1 &
+    pids+=($!); continue
+  fi
   init=$G/init/$t.safetensors
   [ -f "$init" ] || { echo "missing $init" | tee -a "$OUT/gpu.txt"; continue; }
   s=$(step_of "${init%.safetensors}.json")
-  mkdir -p "$RUNS/$t"
   # shellcheck disable=SC2086
   timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train "${common[@]}" ${extra[$t]} --transfer \
       --from "$init" --start-step "$s" --out "$RUNS/$t" --quiet > "$RUNS/$t/train.log" 2>&1 &

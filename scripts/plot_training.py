@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
-RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "denoise": ["denoise", "denoise-s7"],
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "denoise": ["denoise", "denoise-s7", "denoise-gpu8"],
         "deblock": ["deblock", "deblock-s7"]}
 TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",

@@ -95,10 +95,18 @@ def test_training_on_cuda_with_workers_checkpoints_and_loads_on_cpu(tmp_path: Pa
                val_crop=48, device="cuda", seed=1, workers=2)
     run = tmp_path / "run"
     tr = Trainer(TrainConfig(out=str(run), **cfg))
-    events = [ev for ev in tr.run() if ev.kind in ("step", "val", "done")]
+    it = tr.run()
+    events = [next(it)]  # the network exists from the first event on
+    before = {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()}
+    events = [ev for ev in [*events, *it] if ev.kind in ("step", "val", "done")]
     assert tr.device.type == "cuda" and tr.amp_dtype in (torch.bfloat16, torch.float16)
-    losses = [ev.loss for ev in events if ev.kind == "step"]
-    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
+    # on a GPU the loss is read back to the host only every few steps (the other step events carry
+    # None), averaged over them; 30 steps of a tiny net are too few and too noisy to demand a fall
+    # (the CPU tests check learning): here every readback is finite and every layer moved
+    losses = [ev.loss for ev in events if ev.kind == "step" and ev.loss is not None]
+    assert len(losses) >= 2 and all(np.isfinite(losses))
+    after = tr.model.state_dict()
+    assert all(not torch.equal(before[k], after[k].detach().cpu()) for k in before if k.endswith("weight"))
     assert events[-1].kind == "done"
     ck = load_checkpoint(run)  # readable without a GPU: map_location cpu
     assert ck["step"] == 30 and all(t.device.type == "cpu" for t in ck["model"].values())
