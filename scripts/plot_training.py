@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
 RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "denoise": ["denoise", "denoise-s7", "denoise-gpu8"],
         "deblock": ["deblock", "deblock-s7"]}
+GPU_COLOURS = ["tab:green", "tab:blue", "tab:orange"]
 TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
@@ -80,19 +81,20 @@ def draw(curves: dict, out: Path) -> None:
                 ax.text(p["step"], ax.get_ylim()[1], f"lr {p['lr']:.0e} ", color="tab:red", fontsize=7, va="top",
                         ha="right", rotation=90)
             prev = p["lr"] if p["lr"] is not None else prev
-        first = True
+        colours = {}  # one colour, and one legend entry, per GPU model
         i = 0
         while i < len(pts):  # shade each stretch that ran on a GPU, from the step it started at
-            if pts[i]["device"] == "CPU":
+            dev = pts[i]["device"]
+            if dev == "CPU":
                 i += 1
                 continue
             j = i
-            while j + 1 < len(pts) and pts[j + 1]["device"] != "CPU":
+            while j + 1 < len(pts) and pts[j + 1]["device"] == dev:
                 j += 1
             start = pts[i - 1]["step"] if i else pts[i]["step"]
-            ax.axvspan(start, pts[j]["step"], color="tab:green", alpha=0.15,
-                       label=f"on {pts[i]['device']}" if first else None)
-            first = False
+            new = dev not in colours
+            colours.setdefault(dev, GPU_COLOURS[len(colours) % len(GPU_COLOURS)])
+            ax.axvspan(start, pts[j]["step"], color=colours[dev], alpha=0.15, label=f"on {dev}" if new else None)
             i = j + 1
         ax.set_title(f"{task}: {TITLES[task]}")
         ax.set_xlabel("training step")

@@ -31,6 +31,8 @@ esac
 run=runs/$task
 [ "$task" = sr ] && run=runs/sr-prescale2
 [ "$task" = denoise ] && run=runs/denoise-s7
+# session 8: runs/denoise-s7 went on on an H100 (scripts/gpu_session.sh, resumed exactly) into runs/denoise-gpu8
+[ "$task" = denoise ] && [ -f runs/denoise-gpu8/checkpoint.pt ] && run=runs/denoise-gpu8
 [ "$task" = deblock ] && run=runs/deblock-s7
 common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
