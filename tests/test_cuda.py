@@ -100,9 +100,9 @@ def test_training_on_cuda_with_workers_checkpoints_and_loads_on_cpu(tmp_path: Pa
     before = {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()}
     events = [ev for ev in [*events, *it] if ev.kind in ("step", "val", "done")]
     assert tr.device.type == "cuda" and tr.amp_dtype in (torch.bfloat16, torch.float16)
-    # on a GPU the loss is read back to the host only every few steps (the other step events carry
-    # None), averaged over them; 30 steps of a tiny net are too few and too noisy to demand a fall
-    # (the CPU tests check learning): here every readback is finite and every layer moved
+    # on a GPU the loss is read back to the host only every 10 steps (the step events in between
+    # carry None); three single-batch losses of a tiny net are too noisy to demand a fall (the CPU
+    # tests check learning): here every loss read back is finite and every layer moved
     losses = [ev.loss for ev in events if ev.kind == "step" and ev.loss is not None]
     assert len(losses) >= 2 and all(np.isfinite(losses))
     after = tr.model.state_dict()
