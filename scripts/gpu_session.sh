@@ -67,30 +67,28 @@ declare -A extra=(
 train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))
 echo "training for $train_seconds s" | tee -a "$OUT/gpu.txt"
 pids=()
-for t in $TASKS; do
+# launch TASK OPTIONS...: one training run in the background, stopped (SIGINT: it checkpoints) at the deadline
+launch() {
+  local t=$1; shift
   mkdir -p "$RUNS/$t"
-  if [ -f "$G/resume/$t/checkpoint.pt" ]; then
+  timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train "$@" --out "$RUNS/$t" --quiet > "$RUNS/$t/train.log" 2>&1 &
+  pids+=($!)
+}
+for t in $TASKS; do
+  if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
     cp -r "$G/resume/$t/." "$RUNS/$t/"
     w=${extra[$t]##*--workers }; w=${w%% *}
-    timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train --resume --out "$RUNS/$t" --data "$G/train" \
-        --device "$DEVICE" --batch-size 64 --workers "$w" --checkpoint-minutes 2 --val-every 500 --quiet \
-        > "$RUNS/$t/train.log" 2>&1 &
-    pids+=($!); continue
-  fi
-  if [ "$t" = srpaper ]; then
+    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size 64 --workers "$w" --checkpoint-minutes 2 --val-every 500
+  elif [ "$t" = srpaper ]; then
     # shellcheck disable=SC2086
-    timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train --data "$G/train" --batch-size 64 \
-        --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]} --out "$RUNS/$t" --quiet \
-        > "$RUNS/$t/train.log" 2>&1 &
-    pids+=($!); continue
+    launch "$t" --data "$G/train" --batch-size 64 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]}
+  else
+    init=$G/init/$t.safetensors
+    [ -f "$init" ] || { echo "missing $init" | tee -a "$OUT/gpu.txt"; continue; }
+    s=$(step_of "${init%.safetensors}.json")
+    # shellcheck disable=SC2086
+    launch "$t" "${common[@]}" ${extra[$t]} --transfer --from "$init" --start-step "$s"
   fi
-  init=$G/init/$t.safetensors
-  [ -f "$init" ] || { echo "missing $init" | tee -a "$OUT/gpu.txt"; continue; }
-  s=$(step_of "${init%.safetensors}.json")
-  # shellcheck disable=SC2086
-  timeout -s INT -k 25 "$train_seconds" $py -m napari_vdsr.cli train "${common[@]}" ${extra[$t]} --transfer \
-      --from "$init" --start-step "$s" --out "$RUNS/$t" --quiet > "$RUNS/$t/train.log" 2>&1 &
-  pids+=($!)
 done
 
 # 3. the CUDA tests while the runs train (correctness only, nothing timed)
