@@ -5,7 +5,7 @@ from a GPU run carry ``"device"``), writes the curves to a small JSON file that 
 committed (``docs/training_curves.json``, so the figure can be redrawn without the runs)
 and draws ``docs/images/training_curves.png``.
 
-    python scripts/plot_training.py                 # from runs/, then draw
+    python scripts/plot_training.py                 # from the JSON and runs/ (runs that are gone keep their points), then draw
     python scripts/plot_training.py --from-json     # redraw from docs/training_curves.json
 """
 
@@ -17,18 +17,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
-RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "denoise": ["denoise", "denoise-s7", "denoise-gpu8"],
-        "deblock": ["deblock", "deblock-s7"]}
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"],
+        "denoise": ["denoise", "denoise-s7", "denoise-gpu8", "denoise-gpu9"],
+        "deblock": ["deblock", "deblock-s7", "deblock-gpu9"]}
 GPU_COLOURS = ["tab:green", "tab:blue", "tab:orange"]
 TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
 
 
-def read_curves(runs: Path) -> dict:
+def read_curves(runs: Path, known: dict | None = None) -> dict:
+    """The curves of ``runs/``, after the points of ``known`` (the committed JSON) for the
+    runs that are gone: a run's points replace the known ones from its first step on."""
     curves = {}
     for task, run_names in RUNS.items():
-        points = []
+        points = list((known or {}).get(task, []))
         for run in run_names:
             log = runs / run / "log.jsonl"
             if not log.exists():
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     if a.from_json:
         curves = json.loads(Path(a.json).read_text())
     else:
-        curves = read_curves(Path(a.runs))
+        known = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+        curves = read_curves(Path(a.runs), known)
         Path(a.json).write_text(json.dumps(curves, indent=0) + "\n")
     draw(curves, Path(a.png))
     for task, pts in curves.items():

@@ -34,6 +34,9 @@ run=runs/$task
 # session 8: runs/denoise-s7 went on on an H100 (scripts/gpu_session.sh, resumed exactly) into runs/denoise-gpu8
 [ "$task" = denoise ] && [ -f runs/denoise-gpu8/checkpoint.pt ] && run=runs/denoise-gpu8
 [ "$task" = deblock ] && run=runs/deblock-s7
+# session 9: both continued from the bundled weights on an H100 (same recipe, batch 64)
+[ "$task" = denoise ] && [ -f runs/denoise-gpu9/checkpoint.pt ] && run=runs/denoise-gpu9
+[ "$task" = deblock ] && [ -f runs/deblock-gpu9/checkpoint.pt ] && run=runs/deblock-gpu9
 common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
