@@ -9,7 +9,10 @@ default model of each task, and writes
 - ``docs/images/crops_<task>.png``: baseline (bicubic / degraded input) | ours | ground truth crops.
 
     python benchmarks/tables.py [--data ../shared/data/benchmarks] [--tasks sr denoise deblock]
-                                [--sets Set5 Set14 BSD100] [--limit N] [--device auto] [--ensemble]
+                                [--sets Set5 Set14 BSD100] [--limit N] [--device auto] [--ensemble] [--update]
+
+``--update`` re-measures only ``--tasks`` and keeps the other tasks' tables of the existing
+``benchmarks.json`` (after a new model of one task).
 
 ``--ensemble`` also scores the x8 geometric self-ensemble of each model (``evaluate
 --ensemble``: 8x the time) in a column of its own; the published numbers are single
@@ -122,6 +125,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--ensemble", action="store_true", help="also score the x8 self-ensemble (8x the time)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other tasks of OUT/benchmarks.json: replace only the tasks measured now")
     a = ap.parse_args()
     from napari_vdsr.core.errors import ModelError
     from napari_vdsr.core.weights import default_model_name, load_model
@@ -157,6 +162,8 @@ def main() -> None:
         print(f"{task} {ds} {lev}: baseline {base['psnr']:.2f}  ours {ours['psnr']:.2f}  ref {REFERENCE[task][ds][lev]}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.update and (out / "benchmarks.json").is_file():
+        results = merge(json.loads((out / "benchmarks.json").read_text()), results)
     (out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
     for task in tasks:
         try:
@@ -166,14 +173,32 @@ def main() -> None:
     write_markdown(results, out / "benchmarks.md", a.limit)
 
 
+def merge(old: dict, new: dict) -> dict:
+    """``old`` tables with the tasks of ``new`` replaced (models and cells, the ensemble column too:
+    a new model's cells carry only what was measured for it)."""
+    tasks = set(new["models"])
+    merged = dict(old)
+    merged["models"] = {t: {"measured": old.get("date"), **m} for t, m in old.get("models", {}).items()
+                        if t not in tasks}
+    merged["models"].update({t: {**m, "measured": new["date"]} for t, m in new["models"].items()})
+    merged["models"] = {t: merged["models"][t] for t in ("sr", "denoise", "deblock") if t in merged["models"]}
+    merged["cells"] = [c for c in old.get("cells", []) if c["task"] not in tasks] + new["cells"]
+    order = {"sr": 0, "denoise": 1, "deblock": 2}
+    merged["cells"].sort(key=lambda c: order.get(c["task"], 3))  # stable: sets and levels keep their order
+    merged["date"] = new["date"]
+    return merged
+
+
 def write_markdown(results: dict, path: Path, limit) -> None:
     L = ["# Benchmarks of the bundled models", "",
-         f"Measured {results['date']} on {results['machine']} with `python benchmarks/tables.py` "
+         f"Measured {'last ' if any('measured' in m for m in results['models'].values()) else ''}"
+         f"{results['date']} on {results['machine']} with `python benchmarks/tables.py` "
          "(every number is `napari-vdsr evaluate`, protocol in [evaluation.md](evaluation.md))."
          + (f" **Quick look: first {limit} images per set only.**" if limit else ""), ""]
     for task, m in results["models"].items():
         note = f" ({m['compute_note']})" if m.get("compute_note") else ""
-        L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours{note}")
+        when = f"; tables measured {m['measured']}" if m.get("measured") else ""
+        L.append(f"- {task}: `{m['name']}` — {m['steps']} training steps, {m['compute_hours']} compute hours{note}{when}")
     L += ["", "Training recipes, the log and the validation PSNR against steps: [training.md](training.md).", ""]
     if any("ensemble_psnr" in c for c in results["cells"]):
         L += ["The last column of a table is the x8 geometric self-ensemble of the same model (`napari-vdsr "

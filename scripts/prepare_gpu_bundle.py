@@ -7,7 +7,7 @@
   Y is rounded to integers (at most 0.5 grey level); validation PSNRs on these images
   differ from the float-Y ones by about 0.006 dB.
 * ``init/<task>.safetensors`` + ``.json``: the weights each run continues from, the best
-  model of ``runs/<run>/`` if present, else the bundled one.
+  model of ``runs/<run>/`` if present (``RUNS`` below), else the bundled one.
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"sr": "sr-prescale2", "denoise": "denoise", "deblock": "deblock"}
+#: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
+#: SR: always the bundled weights (the later SR runs lowered the referee, docs/training.md)
+RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 
@@ -61,8 +63,8 @@ def main(argv=None) -> int:
     print(f"train/: {luminance_pngs(Path(a.data), out / 'train')} images")
     (out / "init").mkdir(parents=True, exist_ok=True)
     for task, run in RUNS.items():
-        best = Path(a.runs) / run / "best.safetensors"
-        src = best if best.exists() else ROOT / "src" / "napari_vdsr" / "weights" / f"{BUNDLED[task]}.safetensors"
+        best = Path(a.runs) / run / "best.safetensors" if run else None
+        src = best if best is not None and best.exists() else ROOT / "src" / "napari_vdsr" / "weights" / f"{BUNDLED[task]}.safetensors"
         shutil.copy2(src, out / "init" / f"{task}.safetensors")
         shutil.copy2(src.with_suffix(".json"), out / "init" / f"{task}.json")
         print(f"init/{task}: {src}")
