@@ -28,15 +28,24 @@ case $task in
            args=(--quality-range 5 50 --iterations 200000 --patch-size 48 --lr 3e-5 --lr-schedule constant --ema 0.999) ;;
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
-run=runs/$task
-[ "$task" = sr ] && run=runs/sr-prescale2
-[ "$task" = denoise ] && run=runs/denoise-s7
-# session 8: runs/denoise-s7 went on on an H100 (scripts/gpu_session.sh, resumed exactly) into runs/denoise-gpu8
-[ "$task" = denoise ] && [ -f runs/denoise-gpu8/checkpoint.pt ] && run=runs/denoise-gpu8
-[ "$task" = deblock ] && run=runs/deblock-s7
-# session 9: both continued from the bundled weights on an H100 (same recipe, batch 64)
-[ "$task" = denoise ] && [ -f runs/denoise-gpu9/checkpoint.pt ] && run=runs/denoise-gpu9
-[ "$task" = deblock ] && [ -f runs/deblock-gpu9/checkpoint.pt ] && run=runs/deblock-gpu9
+# The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
+# SR since session 4: runs/sr-prescale2. Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
+# (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
+# an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
+case $task in
+  sr) candidates=(runs/sr-prescale2) ;;
+  denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
+  deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
+esac
+run=${candidates[0]}
+[ "$task" = sr ] || run=runs/$task-from-bundled  # nothing to resume: a new run from the committed weights
+newest=0
+for c in "${candidates[@]}"; do
+  if [ -f "$c/checkpoint.pt" ] && [ "$(stat -c %Y "$c/checkpoint.pt")" -gt "$newest" ]; then
+    run=$c; newest=$(stat -c %Y "$c/checkpoint.pt")
+  fi
+done
+echo "train_bundled.sh: $task in $run" >&2
 common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
