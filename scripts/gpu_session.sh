@@ -31,6 +31,7 @@ RUNS=${RUNS:-gpu-runs}
 TASKS=${TASKS:-sr denoise deblock}   # which models to train (e.g. TASKS="sr deblock")
 BENCH=${BENCH:-1}                     # 0: skip the GPU benchmarks (more time for training)
 TESTS=${TESTS:-1}                     # 0: skip tests/test_cuda.py
+BATCH=${BATCH:-64}                    # batch of the continued runs (srpaper keeps the paper's 64)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 if compgen -G "$G/whl/*.whl" >/dev/null; then
@@ -56,7 +57,7 @@ fi
 
 # 2. training, the models of $TASKS at once (each with its own batch-drawing processes)
 step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['metrics']['validation'].get('step') or c['training']['steps'])" "$1"; }
-common=(--data "$G/train" --batch-size 64 --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
+common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
 declare -A extra=(
   [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-2} --lr-step ${SR_LR_STEP:-30000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
@@ -78,7 +79,7 @@ for t in $TASKS; do
   if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
     cp -r "$G/resume/$t/." "$RUNS/$t/"
     w=${extra[$t]##*--workers }; w=${w%% *}
-    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size 64 --workers "$w" --checkpoint-minutes 2 --val-every 500
+    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size "$BATCH" --workers "$w" --checkpoint-minutes 2 --val-every 500
   elif [ "$t" = srpaper ]; then
     # shellcheck disable=SC2086
     launch "$t" --data "$G/train" --batch-size 64 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]}
