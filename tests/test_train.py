@@ -85,6 +85,40 @@ def test_sgd_update_respects_theta(lr: float, image_dir: Path) -> None:
     assert deltas.abs().max().item() == pytest.approx(theta, rel=1e-4)
 
 
+@pytest.mark.parametrize("lr", [0.1, 0.01])
+def test_sgd_update_with_norm_clipping_has_norm_theta(lr: float, image_dir: Path) -> None:
+    """--clip-mode norm: one plain SGD step has L2 norm <= theta (= theta: the sum loss's gradient is large),
+    and it points along the gradient, unlike element clipping (which saturates elements)."""
+    theta = 1e-3
+    steps = {}
+    for mode in ("norm", "element"):
+        cfg = _cfg(None, [str(image_dir)], optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0, clip_theta=theta,
+                   clip_mode=mode, iterations=1, lr_schedule="constant", val_fraction=0.0, amp=False)
+        tr = Trainer(cfg)
+        tr._setup()
+        before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+        tr._train_step(0)
+        steps[mode] = torch.cat([(tr.model.state_dict()[k] - before[k]).flatten() for k in before])
+    norm, elem = steps["norm"], steps["element"]
+    assert norm.norm().item() == pytest.approx(theta, rel=1e-4)
+    assert elem.abs().max().item() == pytest.approx(theta, rel=1e-4) and elem.norm().item() > 2 * theta
+    # same batch, same gradient: the element-clipped step agrees in sign wherever the norm-clipped one moves
+    moved = norm.abs() > 1e-12
+    assert torch.all(torch.sign(norm[moved]) == torch.sign(elem[moved]))
+    assert 0 < (norm[moved].abs() / norm.abs().max()).median().item() < 0.5  # not saturated: the gradient's shape
+
+
+def test_clip_mode_is_part_of_the_saved_recipe(image_dir: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(image_dir), "--scales", "2", "--batch-size", "2", "--patch-size", "16",
+            "--depth", "3", "--width", "8", "--optimizer", "sgd", "--clip-theta", "0.4", "--clip-mode", "norm",
+            "--iterations", "2", "--val-fraction", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path / "r")]
+    assert cli_main(args) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["clip_mode"] == "norm" and saved["clip_theta"] == 0.4
+    with pytest.raises(Exception):
+        TrainConfig(data=[str(image_dir)], clip_mode="global")
+
+
 def test_micro_batches_accumulate_the_whole_batch_gradient(image_dir: Path) -> None:
     results = {}
     for micro in (None, 1, 3):

@@ -87,6 +87,11 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     clip_theta: Optional[float] = Field(0.01, gt=0, description="adjustable clipping: |g| <= theta / lr")
+    clip_mode: Literal["element", "norm"] = Field(
+        "element",
+        description="what clip_theta bounds: 'element' every gradient element (the paper: a plain SGD step moves "
+                    "no weight by more than theta), 'norm' the gradient's global L2 norm (a plain SGD step has "
+                    "norm <= theta; the form PyTorch re-implementations of VDSR use)")
     ema: Optional[float] = Field(
         None, gt=0, lt=1,
         description="keep an exponential moving average of the weights with this decay per step (e.g. 0.999: "
@@ -646,7 +651,10 @@ class Trainer:
                 for p in params:
                     p.grad.add_(p, alpha=cfg.weight_decay)
         if cfg.clip_theta:
-            clip_gradients(params, cfg.clip_theta, lr, count=False)
+            if cfg.clip_mode == "norm":
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_theta / lr)
+            else:
+                clip_gradients(params, cfg.clip_theta, lr, count=False)
         self.scaler.step(self.opt)
         self.scaler.update()
         self._update_ema()
