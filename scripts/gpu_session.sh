@@ -18,7 +18,8 @@
 # SGD 0.1 /10 every 2,490 steps, θ 0.001, 9,960 steps of batch 64, on the training images shrunk
 # by 2, validated on $G/referee).
 # Each run continues its model with --from ... --start-step <its step>; the lr schedule goes on,
-# Adam moments restart; SR_EXTRA / DENOISE_EXTRA / DEBLOCK_EXTRA append options to that run.  SIGINT at the deadline: every run checkpoints and exports best/last.
+# Adam moments restart; SR_EXTRA / DENOISE_EXTRA / DEBLOCK_EXTRA append options to that run.
+# SIGINT at the deadline: every run checkpoints and exports best/last.
 # Afterwards: $OUT/<task>.tar holds the run folder (checkpoint.pt, best/last, log.jsonl, train.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
