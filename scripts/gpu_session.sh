@@ -15,7 +15,7 @@
 #                                      instead (--resume; batch 64 and the GPU's workers override)
 #   $G/referee/                        clean validation photos for the task srpaper
 # Tasks: sr, denoise, deblock (continue a model), srpaper (the paper's SR recipe from scratch:
-# SGD 0.1 /10 every 2,490 steps, θ 0.001, 9,960 steps of batch 64, on the training images shrunk
+# SGD 0.1 /10 every 2,490 steps, θ 0.0001 (PAPER_THETA), 9,960 steps of batch 64, on the training images shrunk
 # by 2, validated on $G/referee).
 # Each run continues its model with --from ... --start-step <its step>; the lr schedule goes on,
 # Adam moments restart; SR_EXTRA / DENOISE_EXTRA / DEBLOCK_EXTRA append options to that run.
@@ -63,7 +63,7 @@ common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-
 declare -A extra=(
   [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-2} --lr-step ${SR_LR_STEP:-30000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
   [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
-  [srpaper]="--task sr --scales 2 3 4 --patch-size 41 --prescale 2 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-theta ${PAPER_THETA:-0.001} --lr-schedule step --lr-step 2490 --lr-gamma 0.1 --iterations 9960 --val-data $G/referee --val-prescale 1 --workers ${SR_WORKERS:-7} --name vdsr-sr-x234"
+  [srpaper]="--task sr --scales 2 3 4 --patch-size 41 --prescale 2 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-theta ${PAPER_THETA:-0.0001} --lr-schedule step --lr-step 2490 --lr-gamma 0.1 --iterations 9960 --val-data $G/referee --val-prescale 1 --workers ${SR_WORKERS:-7} --name vdsr-sr-x234"
   [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"
 )
 train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))

@@ -254,7 +254,7 @@ def test_optimizer_switch_suggests_lr_and_theta(make_napari_viewer):
     assert w._optimizer.value == "adam" and w._theta.value == 0
     assert "θ/γ" in w._theta.tooltip and "learning rate" in w._theta.tooltip
     w._optimizer.value = "sgd"
-    assert float(w._lr.value) == 0.1 and w._theta.value == pytest.approx(0.001)
+    assert float(w._lr.value) == 0.1 and w._theta.value == pytest.approx(0.0001)
     w._lr.value = "0.02"  # a user's choice is kept
     w._optimizer.value = "adam"
     assert float(w._lr.value) == 0.02 and w._theta.value == 0

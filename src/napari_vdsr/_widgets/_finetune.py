@@ -56,15 +56,16 @@ CLEAN = "clean images"
 PAIRED = "degraded + clean pair"
 TASK_CHOICES = [(f"{TASK_LABELS[t]} ({t})", t) for t in TASKS]
 #: Learning rate / clipping θ suggested per optimiser (as in ``napari-vdsr finetune``).
-OPTIMISER_DEFAULTS = {"adam": (float(FINETUNE_DEFAULTS["lr"]), 0.0), "sgd": (0.1, 0.001)}
+OPTIMISER_DEFAULTS = {"adam": (float(FINETUNE_DEFAULTS["lr"]), 0.0), "sgd": (0.1, 0.0001)}
 
 THETA_TOOLTIP = (
     "Adjustable gradient clipping θ (Kim et al. 2016); 0 = off.\n"
     "Every gradient element is clipped to [−θ/γ, +θ/γ], where γ is the current learning rate,\n"
     "so one plain SGD step (γ × gradient) changes no weight by more than θ, whatever the learning rate:\n"
     "the paper's trick to train with high learning rates (SGD, lr 0.1) without exploding gradients.\n"
-    "With SGD lr 0.1 use θ ≈ 0.001 (momentum 0.9 can add up to ~10 θ per step; θ = 0.01 diverged in our\n"
-    "pilot runs, see docs/training.md). With Adam the steps are already normalised: leave it off."
+    "With SGD lr 0.1 use θ ≈ 0.0001 (momentum 0.9 can add up to ~10 θ per step; in our runs θ = 0.01\n"
+    "diverged and 0.001 never got above bicubic, see docs/training.md). With Adam the steps are already\n"
+    "normalised: leave it off."
 )
 
 

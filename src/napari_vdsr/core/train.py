@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     warmup: int = Field(0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    clip_theta: Optional[float] = Field(0.01, gt=0, description="adjustable clipping: |g| <= theta / lr")
+    clip_theta: Optional[float] = Field(0.0001, gt=0, description="adjustable clipping: |g| <= theta / lr (docs/training.md, \"Choosing θ\")")
     clip_mode: Literal["element", "norm"] = Field(
         "element",
         description="what clip_theta bounds: 'element' every gradient element (the paper: a plain SGD step moves "
