@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("sr", "denoise", "deblock")  # the order of the tables
 
 REFERENCE = {
     # set: {scale: (bicubic, VDSR paper, SRCNN)}
@@ -119,7 +120,7 @@ def crops_figure(task: str, data: Path, out: Path, device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "benchmarks"))
-    ap.add_argument("--tasks", nargs="+", default=["sr", "denoise", "deblock"])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--sets", nargs="+", default=["Set5", "Set14", "BSD100"])
     ap.add_argument("--limit", type=int, default=None, help="only the first N images of each set (quick look)")
     ap.add_argument("--device", default="auto")
@@ -176,17 +177,11 @@ def main() -> None:
 def merge(old: dict, new: dict) -> dict:
     """``old`` tables with the tasks of ``new`` replaced (models and cells, the ensemble column too:
     a new model's cells carry only what was measured for it)."""
-    tasks = set(new["models"])
-    merged = dict(old)
-    merged["models"] = {t: {"measured": old.get("date"), **m} for t, m in old.get("models", {}).items()
-                        if t not in tasks}
-    merged["models"].update({t: {**m, "measured": new["date"]} for t, m in new["models"].items()})
-    merged["models"] = {t: merged["models"][t] for t in ("sr", "denoise", "deblock") if t in merged["models"]}
-    merged["cells"] = [c for c in old.get("cells", []) if c["task"] not in tasks] + new["cells"]
-    order = {"sr": 0, "denoise": 1, "deblock": 2}
-    merged["cells"].sort(key=lambda c: order.get(c["task"], 3))  # stable: sets and levels keep their order
-    merged["date"] = new["date"]
-    return merged
+    models = {t: {"measured": old.get("date"), **m} for t, m in old.get("models", {}).items()}
+    models.update({t: {**m, "measured": new["date"]} for t, m in new["models"].items()})
+    cells = [c for c in old.get("cells", []) if c["task"] not in new["models"]] + new["cells"]
+    cells.sort(key=lambda c: TASKS.index(c["task"]))  # stable: sets and levels keep their order
+    return {**old, "date": new["date"], "models": {t: models[t] for t in TASKS if t in models}, "cells": cells}
 
 
 def write_markdown(results: dict, path: Path, limit) -> None:

@@ -37,8 +37,7 @@ case $task in
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
-run=${candidates[0]}
-[ "$task" = sr ] || run=runs/$task-from-bundled  # nothing to resume: a new run from the committed weights
+run=${candidates[-1]}  # nothing to resume: the last folder (SR: its run; else a new run from the committed weights)
 newest=0
 for c in "${candidates[@]}"; do
   if [ -f "$c/checkpoint.pt" ] && [ "$(stat -c %Y "$c/checkpoint.pt")" -gt "$newest" ]; then

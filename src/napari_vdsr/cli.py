@@ -56,7 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--clip-theta", type=float, default=None,
                    help="adjustable gradient clipping θ: every gradient element is clipped to [-θ/lr, θ/lr] "
                         "(default 0.0001 for sgd, off for adam; docs/training.md, 'Choosing θ'); 0 disables")
-    p.add_argument("--clip-mode", choices=["element", "norm"], default="element",
+    p.add_argument("--clip-mode", choices=["element", "norm"], default=d.clip_mode,
                    help="element: clip every gradient element (the paper); norm: clip the gradient's global L2 "
                         "norm to θ/lr instead, as PyTorch re-implementations of VDSR do (with this loss, sgd lr 0.1: "
                         "θ 0.004 stayed stable, 0.04 and 0.4 diverged; docs/training.md)")
@@ -98,7 +98,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 
 
 def _config_from_args(a: argparse.Namespace, finetune: bool = False):
-    from .core.train import TrainConfig
+    from .core.train import SGD_CLIP_THETA, TrainConfig
 
     if a.lr is not None:
         lr = a.lr
@@ -108,7 +108,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         from .core.finetune import FINETUNE_DEFAULTS
 
         lr = FINETUNE_DEFAULTS["lr"] if finetune else 1e-4
-    theta = a.clip_theta if a.clip_theta is not None else (0.0001 if a.optimizer == "sgd" else None)
+    theta = a.clip_theta if a.clip_theta is not None else (SGD_CLIP_THETA if a.optimizer == "sgd" else None)
     if finetune:
         data = list(a.images)
         scales = a.scale or [2.0]

@@ -41,6 +41,7 @@ from magicgui.widgets import (
 
 from ..core.errors import TrainingError, VDSRError
 from ..core.finetune import FINETUNE_DEFAULTS, make_finetune_trainer
+from ..core.train import SGD_CLIP_THETA
 from ..core.weights import TASK_LABELS, TASKS, default_model_name, list_models, read_card, register_model, resolve_model_path
 from ._restore import DEFAULT, DEVICES, FROM_FILE, refresh_model_choices
 
@@ -56,7 +57,7 @@ CLEAN = "clean images"
 PAIRED = "degraded + clean pair"
 TASK_CHOICES = [(f"{TASK_LABELS[t]} ({t})", t) for t in TASKS]
 #: Learning rate / clipping θ suggested per optimiser (as in ``napari-vdsr finetune``).
-OPTIMISER_DEFAULTS = {"adam": (float(FINETUNE_DEFAULTS["lr"]), 0.0), "sgd": (0.1, 0.0001)}
+OPTIMISER_DEFAULTS = {"adam": (float(FINETUNE_DEFAULTS["lr"]), 0.0), "sgd": (0.1, SGD_CLIP_THETA)}
 
 THETA_TOOLTIP = (
     "Adjustable gradient clipping θ (Kim et al. 2016); 0 = off.\n"

@@ -33,7 +33,12 @@ from .device import memory_format, resolve_device
 from .errors import TrainingError
 from .model import VDSR
 
-__all__ = ["TrainConfig", "TrainEvent", "Trainer", "train", "clip_gradients", "lr_at", "load_checkpoint", "CHECKPOINT_NAME"]
+__all__ = ["TrainConfig", "TrainEvent", "Trainer", "train", "clip_gradients", "lr_at", "load_checkpoint", "CHECKPOINT_NAME",
+           "SGD_CLIP_THETA"]
+
+#: θ of adjustable gradient clipping for SGD at lr 0.1 with this engine's loss (docs/training.md,
+#: "Choosing θ": 0.001 never got above bicubic, 0.0001 learned); the default wherever SGD is chosen
+SGD_CLIP_THETA = 1e-4
 
 CHECKPOINT_NAME = "checkpoint.pt"
 DEFAULT_LEVELS = {"sr": [2.0, 3.0, 4.0], "denoise": [15.0, 25.0, 50.0], "deblock": [10.0, 20.0, 30.0, 40.0]}
@@ -86,7 +91,7 @@ class TrainConfig(BaseModel):
     warmup: int = Field(0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    clip_theta: Optional[float] = Field(0.0001, gt=0, description="adjustable clipping: |g| <= theta / lr (docs/training.md, \"Choosing θ\")")
+    clip_theta: Optional[float] = Field(SGD_CLIP_THETA, gt=0, description="adjustable clipping: |g| <= theta / lr (docs/training.md, \"Choosing θ\")")
     clip_mode: Literal["element", "norm"] = Field(
         "element",
         description="what clip_theta bounds: 'element' every gradient element (the paper: a plain SGD step moves "
