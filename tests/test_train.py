@@ -575,6 +575,36 @@ def test_base_model_for_another_task(image_dir: Path, tmp_path: Path) -> None:
         list(train(_cfg(None, [str(image_dir)], init_from=str(p))))
 
 
+def test_resume_does_not_need_the_file_the_run_started_from(image_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint holds the weights and the starting weights: a run copied to another machine
+    (its --from file left behind) resumes exactly, and still compares itself with its start."""
+    from napari_vdsr.core.weights import save_model
+
+    torch.manual_seed(11)
+    base = save_model(VDSR(3, 8), tmp_path / "base.safetensors", {"tasks": ["sr"]})
+    straight = tmp_path / "straight"
+    list(train(_cfg(straight, [str(image_dir)], iterations=20, init_from=str(base), start_step=5)))
+
+    split = tmp_path / "split"
+    tr = Trainer(_cfg(split, [str(image_dir)], iterations=20, init_from=str(base), start_step=5))
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 12:
+            tr.stop()
+    base.unlink()
+    tr = Trainer(_cfg(split, [str(image_dir)], iterations=20, init_from=str(base), start_step=5), resume=True)
+    events = list(tr.run())
+    assert tr.resumed and load_checkpoint(split)["step"] == 20
+    a, b = _weights(straight), _weights(split)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the starting weights came from the checkpoint, not from a fresh random model
+    ref = load_checkpoint(straight)["base_state"]
+    for k, v in tr.base_state.items():
+        assert torch.equal(v, ref[k]), k
+    base_psnrs = [ev.val_base_model_psnr for ev in events if getattr(ev, "val_base_model_psnr", None) is not None]
+    assert base_psnrs and all(np.isfinite(base_psnrs))
+
+
 # ----------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:

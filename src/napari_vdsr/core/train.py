@@ -511,7 +511,11 @@ class Trainer:
         # model
         torch.manual_seed(cfg.seed)
         self.base_card: Optional[dict[str, Any]] = None
-        if cfg.init_from:
+        # a run resumed from its checkpoint takes its weights (and the starting weights, base_state)
+        # from there: the model file it once started from is not read again, so a run whose
+        # starting file has moved or gone (a copy made on another machine) still resumes
+        resuming = bool(self.resume and self.out and (self.out / CHECKPOINT_NAME).exists())
+        if cfg.init_from and not resuming:
             from .weights import load_model
 
             base, self.base_card = load_model(cfg.init_from, task=None)
@@ -530,7 +534,9 @@ class Trainer:
             self.model = VDSR(cfg.depth, cfg.width)
         self.model.to(self.device)
         self.model = self.model.to(memory_format=memory_format(self.device))  # NHWC on CPU/CUDA (CPU step: 1.2x)
-        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.init_from else None
+        self.base_state = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()} if cfg.init_from and not resuming else None
+        )
 
         params = [p for p in self.model.parameters()]
         if cfg.optimizer == "sgd":
@@ -558,7 +564,7 @@ class Trainer:
         self.ema_model: Optional[VDSR] = None
         self.ema_updates = 0
         ck = None
-        if self.resume and self.out and (self.out / CHECKPOINT_NAME).exists():
+        if resuming:
             self.resumed = True
             ck = load_checkpoint(self.out / CHECKPOINT_NAME)
             self.model.load_state_dict(ck["model"])
