@@ -137,3 +137,50 @@ def test_colour_round_trip_and_matlab_convention():
     np.testing.assert_allclose(ends[0, :, 1:], 128, atol=1e-3)
     # BT.601 luma weights
     np.testing.assert_allclose(color.rgb_to_y(np.array([[255, 0, 0]], dtype=np.uint8)), 16 + 65.481, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- training pairs on the scale's grid
+
+
+def test_sr_crop_is_a_whole_number_of_low_resolution_pixels() -> None:
+    from napari_vdsr.core.data import SR_GRID_TRIES, sr_crop
+
+    for need in (20, 41, 57, 58, 73):
+        for s in (2, 3, 4, 5):
+            size, n = sr_crop(need, s)
+            assert size == n * s and need <= size < need + s, (need, s)
+        for s in (1.5, 2.5, 3.3, 1.25):
+            size, n = sr_crop(need, s)
+            assert size >= need and n <= int(np.ceil(need / s)) + SR_GRID_TRIES
+            # the best of the sizes tried: no closer multiple among them
+            err = abs(n * s - round(n * s))
+            assert all(err <= abs(k * s - round(k * s)) + 1e-12 for k in range(int(np.ceil(need / s)), n))
+    assert sr_crop(57, 2.5) == (60, 24)  # 24 x 2.5 = 60 exactly; 23 x 2.5 = 57.5 would not be
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_sr_training_pairs_are_shrunk_by_exactly_the_scale(scale: int) -> None:
+    """A training input is the target's neighbourhood shrunk by exactly ``scale`` (8-bit) and enlarged
+    back, as the benchmarks' images are; not by the ratio of rounded sizes (57 px to 28 px is x2.04)."""
+    from napari_vdsr.core.data import PatchSampler, Plane, _dihedral, sr_crop
+
+    patch, margin = 41, 2 * scale  # the sampler's margin on every side (2 x the largest scale)
+    size, n = sr_crop(patch + 2 * margin, scale)
+    assert size % scale == 0
+    rng = np.random.default_rng(scale)
+    plane = rng.random((size, size), dtype=np.float32)  # exactly one crop: the patch position is fixed
+    sampler = PatchSampler([Plane("noise", plane)], "sr", patch_size=patch, levels=[scale])
+    assert sampler.margin == margin
+    for _ in range(4):
+        inp, tgt = sampler.one(rng)
+        found = False
+        for k in range(8):
+            crop = _dihedral(plane, k)
+            if not np.array_equal(crop[margin : margin + patch, margin : margin + patch], tgt):
+                continue
+            lr = np.round(np.clip(degrade.downscale(crop, scale), 0, 1) * 255) / 255
+            assert lr.shape == (size // scale, size // scale)
+            up = degrade.resize(lr, crop.shape)[margin : margin + patch, margin : margin + patch]
+            np.testing.assert_allclose(inp, up, rtol=0, atol=1e-6)
+            found = True
+        assert found

@@ -108,6 +108,31 @@ def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
     return a[:, ::-1] if k >= 4 else a
 
 
+#: a non-integer scale s tries this many more low-resolution sizes for the one whose size x s is
+#: closest to a whole number of pixels (see :func:`sr_crop`)
+SR_GRID_TRIES = 3
+
+
+def sr_crop(need: int, scale: float) -> tuple[int, int]:
+    """The crop (``size`` pixels a side, at least ``need``) and the low-resolution size it shrinks to.
+
+    The shrink factor of a training pair must be the scale itself, as in the benchmarks' images
+    (high-resolution sides are whole multiples of the scale): a crop of ``size`` shrunk to
+    ``lr_size`` pixels is shrunk by ``size / lr_size``, so for an integer scale ``size`` is the
+    smallest multiple of it that is at least ``need`` (x2 of a 57 px crop would be 57 / 28 = 2.04,
+    with the low-resolution pixel grid drifting across the patch).  A non-integer scale takes,
+    of ``SR_GRID_TRIES + 1`` consecutive low-resolution sizes, the one closest to a whole multiple.
+    """
+    s = float(scale)
+    n0 = max(1, int(math.ceil(need / s - 1e-9)))
+    if abs(s - round(s)) < 1e-9:
+        n = n0
+    else:
+        n = min(range(n0, n0 + SR_GRID_TRIES + 1), key=lambda k: (abs(k * s - round(k * s)), k))
+    size = max(need, int(round(n * s)))
+    return size, n
+
+
 class PatchSampler:
     """Draw batches of (degraded input, clean target) patches.
 
@@ -137,11 +162,16 @@ class PatchSampler:
             raise TrainingError("give degradation levels (scales, sigmas or qualities) or a range.")
         self.margin = self._margin(self.max_level())
         need = self.patch + 2 * self.margin
+        if task == "sr":  # the crop grows to a whole number of low-resolution pixels (sr_crop)
+            if self.levels is not None:
+                need = max(sr_crop(need, lev)[0] for lev in self.levels)
+            else:  # any scale of the range: at most SR_GRID_TRIES + 1 low-resolution pixels more
+                need += int(math.ceil((SR_GRID_TRIES + 1) * self.max_level()))
         self.planes = [p for p in planes if min(p.data.shape) >= need]
         if not self.planes:
             sizes = sorted({p.data.shape for p in planes})[:5]
             raise TrainingError(
-                f"every training image is smaller than one patch ({self.patch} px plus a {self.margin} px margin "
+                f"every training image is smaller than one patch ({self.patch} px plus margins for the degradation "
                 f"= {need} px per side); sizes seen: {sizes}. Use a smaller patch size or larger images."
             )
         areas = np.array([p.data.size for p in self.planes], dtype=np.float64)
@@ -171,12 +201,15 @@ class PatchSampler:
         level = self.draw_level(rng)
         m = self.margin
         size = self.patch + 2 * m
+        lr_size = None
+        if self.task == "sr":
+            size, lr_size = sr_crop(size, level)
         y = int(rng.integers(0, plane.shape[0] - size + 1))
         x = int(rng.integers(0, plane.shape[1] - size + 1))
         crop = np.ascontiguousarray(_dihedral(plane[y : y + size, x : x + size], int(rng.integers(8))))
         task = "denoise-pg" if (self.task == "denoise" and self.noise_model == "poisson") else self.task
         rn = float(rng.uniform(0.0, self.read_noise)) if task == "denoise-pg" and self.read_noise > 0 else 0.0
-        degraded = degrade_plane(crop, task, level, seed=rng, quantize=self.quantize, read_noise=rn)
+        degraded = degrade_plane(crop, task, level, seed=rng, quantize=self.quantize, read_noise=rn, lr_size=lr_size)
         if self.task == "deblock":  # keep the JPEG block grid where the image has it
             sl = (slice(0, self.patch), slice(0, self.patch))
         else:

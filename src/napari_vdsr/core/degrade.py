@@ -170,6 +170,7 @@ def degrade_plane(
     seed: int | np.random.Generator | None = 0,
     quantize: bool = True,
     read_noise: float = 0.0,
+    lr_size: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """Synthesise the network input for a clean 2-D plane ``hr`` on the [0, 1] scale.
 
@@ -185,6 +186,10 @@ def degrade_plane(
         ``deblock``: JPEG at quality ``level``.
     quantize : bool
         Round the low-resolution image to 8 bits (as a saved LR image would be).
+    lr_size : int or (int, int), optional
+        ``sr`` only: the low-resolution size to shrink to (default: the size / ``level``,
+        rounded). Give it when the size is not a whole multiple of ``level``, so that the
+        shrink factor is exactly the one wanted.
 
     Returns
     -------
@@ -192,7 +197,10 @@ def degrade_plane(
     """
     hr = np.asarray(hr, dtype=np.float32)
     if task == "sr":
-        lr = downscale(hr, level)
+        if lr_size is None:
+            lr = downscale(hr, level)
+        else:
+            lr = resize(hr, (lr_size, lr_size) if np.isscalar(lr_size) else tuple(lr_size))
         if quantize:
             lr = np.round(np.clip(lr, 0.0, 1.0) * 255.0) / 255.0
         return resize(lr, hr.shape[-2:])
