@@ -160,6 +160,29 @@ def test_lr_schedule_is_pure_function_of_step() -> None:
     assert lr_at(cos, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_warmup_ramps_the_first_steps_of_this_run() -> None:
+    cfg = TrainConfig(iterations=100, lr=0.1, lr_schedule="step", lr_step=20, lr_gamma=0.1, warmup=4)
+    assert [lr_at(cfg, k) for k in range(5)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+    # continuing from exported weights (start_step): the ramp is applied again, to the schedule's lr there
+    cont = TrainConfig(iterations=100, lr=0.1, lr_schedule="step", lr_step=20, lr_gamma=0.1, warmup=4, start_step=30)
+    assert lr_at(cont, 29) == pytest.approx(0.01)  # before the run: not ramped
+    assert [lr_at(cont, 30 + k) for k in range(5)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01])
+    assert lr_at(cont, 40) == pytest.approx(0.001)
+
+
+def test_cli_warmup_reaches_the_config_and_is_kept_on_resume(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(out), "--scales", "2",
+              "--batch-size", "2", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+              "--lr-schedule", "constant", "--lr", "1e-3", "--val-every", "5"]
+    assert cli_main(common + ["--iterations", "4", "--warmup", "8"]) == 0
+    assert json.loads((out / "config.json").read_text())["warmup"] == 8
+    lrs = [json.loads(l)["lr"] for l in (out / "log.jsonl").read_text().splitlines() if '"kind": "step"' in l]
+    assert lrs and lrs[0] < 1e-3  # still ramping
+    assert cli_main(common + ["--iterations", "6", "--resume"]) == 0
+    assert json.loads((out / "config.json").read_text())["warmup"] == 8
+
+
 # ----------------------------------------------------------------------------- convergence
 def test_loss_falls_and_beats_bicubic_on_tiny_set(image_dir: Path, tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "run", [str(image_dir)], iterations=60, lr=2e-3, val_every=60, lr_step=1000)

@@ -60,6 +60,10 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                    help="element: clip every gradient element (the paper); norm: clip the gradient's global L2 "
                         "norm to θ/lr instead, as PyTorch re-implementations of VDSR do (with this loss, sgd lr 0.1: "
                         "θ 0.004 stayed stable, 0.04 and 0.4 diverged; docs/training.md)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="raise the lr linearly over the first N steps of this run (counted from --start-step); "
+                        "with --from and adam, e.g. 1000, so the fresh optimiser does not knock trained weights "
+                        "off their optimum")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate, keep and export an exponential moving average of the weights (decay per step, "
                         "e.g. 0.999 averages about the last 1,000 steps): smooths the optimiser's step-to-step noise")
@@ -119,7 +123,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
         photon_range=tuple(a.photon_range), read_noise=a.read_noise, iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
         micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
-        momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
+        warmup=a.warmup, momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, clip_mode=a.clip_mode, ema=a.ema, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
         val_data=[str(x) for x in a.val_data],
         workers=a.workers, prescale=a.prescale, val_prescale=a.val_prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
@@ -137,7 +141,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
 _RESUME_KEEP = (
     "data", "task", "scales", "scale_range", "sigma_range", "noise_model", "photon_range", "read_noise",
     "quality_range", "iterations", "batch_size", "patch_size", "depth", "width", "optimizer", "lr", "lr_schedule",
-    "lr_step", "lr_gamma", "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "amp", "prescale", "val_prescale",
+    "lr_step", "lr_gamma", "warmup", "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "amp", "prescale", "val_prescale",
     "val_fraction", "val_data", "val_every", "val_crop", "init_from", "transfer", "start_step", "name",
 )
 #: command-line destinations whose TrainConfig field has another name
@@ -260,7 +264,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(include={
-        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "momentum",
+        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "warmup", "momentum",
         "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
         "checkpoint_minutes", "checkpoint_every", "workers", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
         "scale_range", "prescale", "val_prescale",

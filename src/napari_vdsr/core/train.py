@@ -88,7 +88,7 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["step", "cosine", "constant"] = "step"
     lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: iterations // 4)")
     lr_gamma: float = Field(0.1, ge=0, le=1)
-    warmup: int = Field(0, ge=0)
+    warmup: int = Field(0, ge=0, description="raise the lr linearly over the first N steps of this run, counted from start_step: lets Adam's moment estimates settle when a run restarts from exported weights")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     clip_theta: Optional[float] = Field(SGD_CLIP_THETA, gt=0, description="adjustable clipping: |g| <= theta / lr (docs/training.md, \"Choosing θ\")")
@@ -234,17 +234,24 @@ class TrainEvent:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate used for step ``step`` (0-based): a pure function of the step."""
+    """Learning rate used for step ``step`` (0-based): a pure function of the step.
+
+    The schedule's lr, times ``(k + 1) / warmup`` for the first ``warmup`` steps of the run
+    (``k = step - start_step``: a run continued from exported weights warms up again).
+    """
     base = cfg.lr
-    if cfg.warmup and step < cfg.warmup:
-        return base * (step + 1) / cfg.warmup
     if cfg.lr_schedule == "constant":
-        return base
-    if cfg.lr_schedule == "cosine":
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup))
-        return base * (cfg.lr_gamma + (1 - cfg.lr_gamma) * 0.5 * (1 + math.cos(math.pi * t)))
-    every = cfg.lr_step or max(1, cfg.iterations // 4)
-    return base * cfg.lr_gamma ** (step // every)
+        lr = base
+    elif cfg.lr_schedule == "cosine":
+        t = min(1.0, max(0.0, (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)))
+        lr = base * (cfg.lr_gamma + (1 - cfg.lr_gamma) * 0.5 * (1 + math.cos(math.pi * t)))
+    else:
+        every = cfg.lr_step or max(1, cfg.iterations // 4)
+        lr = base * cfg.lr_gamma ** (step // every)
+    k = step - cfg.start_step
+    if cfg.warmup and 0 <= k < cfg.warmup:
+        lr *= (k + 1) / cfg.warmup
+    return lr
 
 
 def prescale_planes(planes: list[Plane], factor: float) -> list[Plane]:
