@@ -16,7 +16,8 @@
 #   $G/referee/                        clean validation photos for the task srpaper
 # Tasks: sr, denoise, deblock (continue a model), srpaper (the paper's SR recipe from scratch:
 # SGD 0.1 /10 every 2,490 steps, θ 0.0001 (PAPER_THETA), 9,960 steps of batch 64, on the training images shrunk
-# by 2, validated on $G/referee).
+# by 2, validated on $G/referee). Since session 10 every SR run draws its pairs on the exact grid of
+# the scale (docs/training.md); srpaper is the first from-scratch SR run to profit.
 # Each run continues its model with --from ... --start-step <its step>; the lr schedule goes on,
 # Adam moments restart; SR_EXTRA / DENOISE_EXTRA / DEBLOCK_EXTRA append options to that run.
 # SIGINT at the deadline: every run checkpoints and exports best/last.

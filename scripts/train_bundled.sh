@@ -14,12 +14,14 @@ export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
 seed=0
 case $task in
-  # SR since session 4: fine-tuning on the training images shrunk by 2 (docs/training.md, "--prescale");
-  # lr 3e-5 from step 48,250, 1e-5 from step 57,989 (session 5). Careful: steps 54,500 -> 69,250
-  # raised the SunHays validation by 0.016 dB but LOWERED the referee by 0.14 dB (docs/training.md);
-  # the bundled step 54,500 stays the best SR model. Check benchmarks/referee.py before bundling.
-  sr)      name=vdsr-sr-x234;  seed=1
-           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --prescale 2 --lr 1e-5 --lr-schedule constant) ;;
+  # SR since session 10: the bundled weights go on with the SR pairs on the exact grid of their scale
+  # (docs/training.md), images as they are, Adam restarted with --warmup 2000, --ema 0.999, validated on
+  # the referee photos' crops (runs/referee-val, built below). Sessions 5-7: continuations with --prescale 2
+  # lowered the referee; check benchmarks/referee.py before bundling.
+  sr)      name=vdsr-sr-x234;  seed=13
+           [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
+           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --lr 3e-5 --lr-schedule constant --warmup 2000 --ema 0.999
+                 --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
   denoise) name=vdsr-denoise;  seed=7
@@ -29,11 +31,11 @@ case $task in
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 # The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
-# SR since session 4: runs/sr-prescale2. Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
+# SR since session 10: runs/sr-grid-w-np (session 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
 # an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
 case $task in
-  sr) candidates=(runs/sr-prescale2) ;;
+  sr) candidates=(runs/sr-grid-w-np runs/sr-from-bundled) ;;
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
