@@ -127,7 +127,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(image_dir: Path) -> N
         tr = Trainer(cfg)
         tr._setup()
         before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-        mse = tr._train_step(0)
+        mse = float(tr._train_step(0))  # the step returns a 0-d tensor (read back lazily)
         delta = torch.cat([(tr.model.state_dict()[k] - before[k]).flatten() for k in before])
         results[micro] = (tr.micro_batch_size(), mse, delta)
     assert [results[m][0] for m in (None, 1, 3)] == [4, 1, 3]  # batch 4 of 16² patches: no split by default
