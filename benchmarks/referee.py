@@ -12,6 +12,12 @@ it with the benchmarks' protocol -- the same code as ``napari-vdsr evaluate``: S
 10 / 20 / 30 / 40, Y).
 
     python benchmarks/referee.py MODEL [MODEL ...] [--task sr|denoise|deblock] [--levels ...] [--json FILE]
+    python benchmarks/referee.py MODEL [MODEL ...] --crop 256
+
+``--crop N`` scores the centre N-px crops of the same photos with the training validation's code
+(``train --val-data <referee photos> --val-prescale 1 --val-crop N``; the LR is made from the crop,
+the input is its bicubic upscale): the "referee crops" numbers of docs/training.md, for any
+checkpoint, without a training run.
 
 MODEL: a bundled name, a ``.safetensors`` file or a run directory; ``bicubic`` (SR) or
 ``identity`` (the noisy / JPEG input) for the baseline; ``bm3d`` (denoising only) for the
@@ -84,6 +90,35 @@ def bm3d_dataset(folder: Path, sigma: float) -> dict:
     return {"psnr": float(np.mean(scores))}
 
 
+def crop_scores(a: argparse.Namespace) -> int:
+    """``--crop N``: every model on the referee photos' centre crops, scored by ``score_validation``."""
+    import torch
+
+    from napari_vdsr.core.data import load_planes, make_validation
+    from napari_vdsr.core.train import score_validation
+    from napari_vdsr.core.weights import load_model
+
+    levels = a.levels or DEFAULT_LEVELS[a.task]
+    prefix = {"sr": "x", "denoise": "s", "deblock": "q"}[a.task]
+    res: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        planes = load_planes([build(Path(tmp)) / "HR"])
+    items = make_validation(planes, a.task, levels, a.crop)
+    for m in a.models:
+        if m in ("bicubic", "identity"):
+            model: torch.nn.Module = torch.nn.Identity()
+        else:
+            model = load_model(m, task=a.task, device=a.device)[0]
+        mean, _, per = score_validation(model, items, a.device)
+        row = {f"{prefix}{k}": round(v, 4) for k, v in per.items()}
+        row["mean"] = round(mean, 4)
+        res[m] = row
+        print(f"{m}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"task": a.task, "crop": a.crop, "images": IMAGES, "results": res}, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -92,7 +127,11 @@ def main(argv=None) -> int:
                     help="SR scales (default 2 3 4), noise σ (15 25 50) or JPEG qualities (10 20 30 40)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--crop", type=int, default=None,
+                    help="score the centre crops of this size as training validation does (docs/training.md)")
     a = ap.parse_args(argv)
+    if a.crop is not None:
+        return crop_scores(a)
     from napari_vdsr.core.evaluate import evaluate_dataset
 
     levels = a.levels or DEFAULT_LEVELS[a.task]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .data import PatchSampler, Plane, load_planes, make_validation, split_validation
+from .data import PatchSampler, Plane, ValidationItem, load_planes, make_validation, split_validation
 from .device import memory_format, resolve_device
 from .errors import TrainingError
 from .model import VDSR
@@ -699,30 +699,9 @@ class Trainer:
                 )
         return float(values[-1])
 
-    @torch.no_grad()
-    def _predict(self, model: torch.nn.Module, inp: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(inp)[None, None].to(self.device)
-        return model(t).float()[0, 0].cpu().numpy()
-
     def _validate(self, model: Optional[torch.nn.Module] = None) -> tuple[float, float, dict[str, float]]:
         """Mean PSNR (8-bit rounding, shaved border) of the model and of the degraded input."""
-        from .evaluate import psnr
-
-        model = model if model is not None else self.result_model
-        was_training = model.training
-        model.eval()
-        ours, base = [], []
-        per: dict[str, list[float]] = {}
-        for it in self.val_items:
-            pred = self._predict(model, it.inp)
-            q = lambda a: np.clip(np.round(a * 255.0), 0, 255)  # noqa: E731
-            p_ours = psnr(q(pred), q(it.target), shave=it.shave)
-            p_base = psnr(q(it.inp), q(it.target), shave=it.shave)
-            ours.append(p_ours)
-            base.append(p_base)
-            per.setdefault(f"{it.level:g}", []).append(p_ours)
-        model.train(was_training)
-        return float(np.mean(ours)), float(np.mean(base)), {k: float(np.mean(v)) for k, v in per.items()}
+        return score_validation(model if model is not None else self.result_model, self.val_items, self.device)
 
     def _base_model_psnr(self) -> Optional[float]:
         if self.base_state is None or not self.val_items:
@@ -884,6 +863,35 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         yield end
+
+
+@torch.no_grad()
+def score_validation(
+    model: torch.nn.Module, items: Sequence[ValidationItem], device: torch.device | str = "cpu"
+) -> tuple[float, float, dict[str, float]]:
+    """Score a model on validation pairs as training validates: ``(mean PSNR, input's PSNR, per level)``.
+
+    Every pair is scored on 8-bit rounded values with its border shaved (``benchmarks/referee.py
+    --crop`` uses this to score any checkpoint on the referee photos' crops).
+    """
+    from .evaluate import psnr
+
+    was_training = model.training
+    model.eval()
+    ours, base = [], []
+    per: dict[str, list[float]] = {}
+
+    def q(a: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(a * 255.0), 0, 255)
+
+    for it in items:
+        pred = model(torch.from_numpy(it.inp)[None, None].to(device)).float()[0, 0].cpu().numpy()
+        p_ours = psnr(q(pred), q(it.target), shave=it.shave)
+        ours.append(p_ours)
+        base.append(psnr(q(it.inp), q(it.target), shave=it.shave))
+        per.setdefault(f"{it.level:g}", []).append(p_ours)
+    model.train(was_training)
+    return float(np.mean(ours)), float(np.mean(base)), {k: float(np.mean(v)) for k, v in per.items()}
 
 
 def train(config: TrainConfig, **kwargs: Any) -> Iterator[TrainEvent]:
