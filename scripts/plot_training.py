@@ -17,13 +17,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
-RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"],
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-scratch-grid"],
         "denoise": ["denoise", "denoise-s7", "denoise-gpu8", "denoise-gpu9"],
         "deblock": ["deblock", "deblock-s7", "deblock-gpu9"]}
 GPU_COLOURS = ["tab:green", "tab:blue", "tab:orange"]
 TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
-          "deblock": "JPEG, mean of q 10 / 20 / 30 / 40"}
+          "deblock": "JPEG, mean of q 10 / 20 / 30 / 40",
+          "sr-grid": "SR from scratch, pairs on the exact grid\n(session 11; mean of x2 / x3 / x4)"}
+#: what a panel's PSNR is measured on (default: the held-out SunHays crops)
+VAL_ON = {"sr-grid": "the referee photos' 256 px crops"}
+#: the first SR run's bundled checkpoints (pairs off the grid at x2 / x4), scored afterwards on the
+#: referee crops (``benchmarks/referee.py MODEL --crop 256`` on the weights in git history)
+REFERENCE_POINTS = {"sr-grid": {"label": "first SR run's bundled checkpoints (old grid)",
+                                "points": {2800: 32.105, 7200: 32.619, 13000: 32.682, 27000: 32.862, 30500: 32.918,
+                                           54500: 32.992}}}
 
 
 def read_curves(runs: Path, known: dict | None = None) -> dict:
@@ -67,12 +75,20 @@ def draw(curves: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.0), constrained_layout=True)
-    for ax, (task, pts) in zip(axes if len(curves) > 1 else [axes], curves.items()):
+    ncols = min(3, len(curves))
+    nrows = -(-len(curves) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows), constrained_layout=True, squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (task, pts) in zip(axes.flat, curves.items()):
         steps = [p["step"] for p in pts]
         lo = min(p["psnr"] for p in pts[len(pts) // 5:])
         ax.set_ylim(lo - 0.3, max(p["psnr"] for p in pts) + 0.15)
         ax.plot(steps, [p["psnr"] for p in pts], "k.-", lw=1.5, ms=3, label="mean over levels")
+        ref = REFERENCE_POINTS.get(task)
+        if ref:
+            xs = [x for x in ref["points"] if x <= steps[-1] * 1.15] or list(ref["points"])[:1]
+            ax.plot(xs, [ref["points"][x] for x in xs], "s--", color="tab:purple", ms=4, lw=1, label=ref["label"])
         raw = [p for p in pts if "raw" in p]
         if raw:
             ax.plot([p["step"] for p in raw], [p["raw"] for p in raw], ".", color="0.6", ms=3,
@@ -101,7 +117,7 @@ def draw(curves: dict, out: Path) -> None:
             i = j + 1
         ax.set_title(f"{task}: {TITLES[task]}")
         ax.set_xlabel("training step")
-        ax.set_ylabel("validation PSNR (dB, held-out SunHays crops)")
+        ax.set_ylabel(f"validation PSNR (dB, {VAL_ON.get(task, 'held-out SunHays crops')})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.savefig(out, dpi=110)
