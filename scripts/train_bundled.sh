@@ -3,9 +3,10 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# Continuation order: runs/<task>/checkpoint.pt (exact resume, same machine/session) →
-# the committed bundled weights (--from ... --start-step <steps in its card>; Adam moments
-# restart) → from scratch (sr) / from the bundled SR weights (denoise, deblock: --transfer).
+# SR (since session 11): runs/sr-scratch-grid resumed exactly, else that run started from scratch.
+# denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
+# bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
+# bundled SR weights (--transfer).
 # Ctrl-C or SIGTERM stops after the current step and saves. See docs/training.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,14 +15,14 @@ export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
 seed=0
 case $task in
-  # SR since session 10: the bundled weights go on with the SR pairs on the exact grid of their scale
-  # (docs/training.md), images as they are, Adam restarted with --warmup 2000, --ema 0.999, validated on
-  # the referee photos' crops (runs/referee-val, built below). Sessions 5-7: continuations with --prescale 2
-  # lowered the referee; check benchmarks/referee.py before bundling.
-  sr)      name=vdsr-sr-x234;  seed=13
+  # SR since session 11: a run FROM SCRATCH on the exact grid (runs/sr-scratch-grid; docs/training.md, "The full
+  # network from scratch on the exact grid"): the first run's recipe (Adam 1e-4, /0.3 every 12,000 steps) with
+  # --ema 0.999, validated on the referee photos' crops (runs/referee-val, built below). Continuations of the
+  # bundled weights (sessions 5-10) lost 0.05-0.15 dB on the referee; check benchmarks/referee.py before bundling.
+  sr)      name=vdsr-sr-x234;  seed=0
            [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
-           args=(--scales 2 3 4 --iterations 200000 --patch-size 41 --lr 3e-5 --lr-schedule constant --warmup 2000 --ema 0.999
-                 --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256) ;;
+           args=(--scales 2 3 4 --iterations 60000 --patch-size 41 --lr 1e-4 --lr-step 12000 --ema 0.999
+                 --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256 --val-every 500) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
   denoise) name=vdsr-denoise;  seed=7
@@ -31,11 +32,11 @@ case $task in
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 # The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
-# SR since session 10: runs/sr-grid-w-np (session 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
+# SR since session 11: runs/sr-scratch-grid (session 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
 # an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
 case $task in
-  sr) candidates=(runs/sr-grid-w-np runs/sr-from-bundled) ;;
+  sr) candidates=(runs/sr-scratch-grid) ;;
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
@@ -51,13 +52,14 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
 bundled=src/napari_vdsr/weights/$name.safetensors
-if [ -f "$run/checkpoint.pt" ]; then
+if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), or from scratch
+  [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 60000 "$@"
+  exec napari-vdsr "${common[@]}" "$@"
+elif [ -f "$run/checkpoint.pt" ]; then
   exec napari-vdsr "${common[@]}" --resume "$@"
 elif [ -f "$bundled" ]; then
   steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${bundled%.safetensors}.json")
   exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$steps" "$@"
-elif [ "$task" = sr ]; then
-  exec napari-vdsr "${common[@]}" "$@"
 else
   exec napari-vdsr "${common[@]}" --from src/napari_vdsr/weights/vdsr-sr-x234.safetensors --transfer "$@"
 fi
