@@ -13,7 +13,8 @@
 #   $G/init/{sr,denoise,deblock}.safetensors + .json   weights to continue from (e.g. runs/*/best.*)
 #   $G/resume/<task>/                  a run folder (checkpoint.pt, config.json, ...) to resume exactly
 #                                      instead (--resume; batch 64 and the GPU's workers override)
-#   $G/referee/                        clean validation photos for the task srpaper
+#   $G/referee/                        clean validation photos (runs/referee-val/x1/HR) for the task srpaper and
+#                                      for a resumed run validated on --val-data (runs/sr-scratch-grid, session 11)
 # Tasks: sr, denoise, deblock (continue a model), srpaper (the paper's SR recipe from scratch:
 # SGD 0.1 /10 every 2,490 steps, θ 0.0001 (PAPER_THETA), 9,960 steps of batch 64, on the training images shrunk
 # by 2, validated on $G/referee). Since session 10 every SR run draws its pairs on the exact grid of
@@ -81,7 +82,9 @@ for t in $TASKS; do
   if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
     cp -r "$G/resume/$t/." "$RUNS/$t/"
     w=${extra[$t]##*--workers }; w=${w%% *}
-    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size "$BATCH" --workers "$w" --checkpoint-minutes 2 --val-every 500
+    vd=()  # a run validated on --val-data (runs/sr-scratch-grid: the referee photos) validates on $G/referee there
+    $py -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('val_data') else 1)" "$RUNS/$t/config.json" && vd=(--val-data "$G/referee")
+    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size "$BATCH" --workers "$w" --checkpoint-minutes 2 --val-every 500 "${vd[@]}"
   elif [ "$t" = srpaper ]; then
     # shellcheck disable=SC2086
     launch "$t" --data "$G/train" --batch-size 64 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]}
