@@ -16,12 +16,13 @@ data=${DATA:-../shared/data/train/SunHays80}
 seed=0
 case $task in
   # SR since session 11: a run FROM SCRATCH on the exact grid (runs/sr-scratch-grid; docs/training.md, "The full
-  # network from scratch on the exact grid"): the first run's recipe (Adam 1e-4, /0.3 every 12,000 steps) with
-  # --ema 0.999, validated on the referee photos' crops (runs/referee-val, built below). Continuations of the
-  # bundled weights (sessions 5-10) lost 0.05-0.15 dB on the referee; check benchmarks/referee.py before bundling.
+  # network from scratch on the exact grid"): Adam 1e-4 constant with --ema 0.999 (session 11 dropped to 3e-5 at
+  # step 12,000 and stood still until it went back to 1e-4 at 17,048), validated on the referee photos' crops
+  # (runs/referee-val, built below). Continuations of the bundled weights (sessions 5-10) lost 0.05-0.15 dB on
+  # the referee; check benchmarks/referee.py before bundling.
   sr)      name=vdsr-sr-x234;  seed=0
            [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
-           args=(--scales 2 3 4 --iterations 60000 --patch-size 41 --lr 1e-4 --lr-step 12000 --ema 0.999
+           args=(--scales 2 3 4 --iterations 60000 --patch-size 41 --lr 1e-4 --lr-schedule constant --ema 0.999
                  --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256 --val-every 500) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
