@@ -33,7 +33,15 @@ def main() -> None:
     if a.tasks:
         card["tasks"] = a.tasks
     card["default_for"] = a.default_for
-    card["training_data"] = "SunHays80 (80 natural RGB images, luminance), 4 held out for validation; no benchmark image"
+    tr = card.get("training", {})
+    val_data = tr.get("recipe", {}).get("val_data")
+    if val_data:  # --val-data: every training image trains, validation on separate images
+        card["training_data"] = (f"SunHays80 (80 natural RGB images, luminance), all {tr.get('train_planes', 80)} train; "
+                                 f"validation on {tr.get('val_planes')} separate images ({', '.join(val_data)}); "
+                                 "no benchmark image")
+    else:
+        card["training_data"] = (f"SunHays80 (80 natural RGB images, luminance), {tr.get('val_planes', 4)} held out for "
+                                 "validation; no benchmark image")
     if a.benchmarks:
         card.setdefault("metrics", {})["benchmarks"] = json.loads(Path(a.benchmarks).read_text())
     if a.note:
