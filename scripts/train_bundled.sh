@@ -3,7 +3,8 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# SR (since session 11): runs/sr-scratch-grid resumed exactly, else that run started from scratch.
+# SR (since session 11): runs/sr-scratch-grid resumed exactly, else continued from its committed weights
+# (vdsr-sr-x234-grid), else started from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
 # bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
 # bundled SR weights (--transfer).
@@ -53,8 +54,14 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
 bundled=src/napari_vdsr/weights/$name.safetensors
-if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), or from scratch
+if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), else
+  # its committed weights (vdsr-sr-x234-grid: Adam restarts, --warmup 1000), else from scratch
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 60000 "$@"
+  grid=src/napari_vdsr/weights/vdsr-sr-x234-grid.safetensors
+  if [ -f "$grid" ]; then
+    steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${grid%.safetensors}.json")
+    exec napari-vdsr "${common[@]}" --from "$grid" --start-step "$steps" --warmup 1000 "$@"
+  fi
   exec napari-vdsr "${common[@]}" "$@"
 elif [ -f "$run/checkpoint.pt" ]; then
   exec napari-vdsr "${common[@]}" --resume "$@"
