@@ -51,6 +51,7 @@ def block_edge_ratio(y: np.ndarray) -> float:
 
 RATIOS: dict[str, float] = {}  # block-edge ratio of each image, filled by build()
 DEFAULT_LEVELS = {"sr": [2, 3, 4], "denoise": [15, 25, 50], "deblock": [10, 20, 30, 40]}
+PREFIX = {"sr": "x", "denoise": "s", "deblock": "q"}  # of the level names in the results
 
 
 def build(folder: Path, scale: int = 1) -> Path:
@@ -99,7 +100,7 @@ def crop_scores(a: argparse.Namespace) -> int:
     from napari_vdsr.core.weights import load_model
 
     levels = a.levels or DEFAULT_LEVELS[a.task]
-    prefix = {"sr": "x", "denoise": "s", "deblock": "q"}[a.task]
+    prefix = PREFIX[a.task]
     res: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         planes = load_planes([build(Path(tmp)) / "HR"])
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     from napari_vdsr.core.evaluate import evaluate_dataset
 
     levels = a.levels or DEFAULT_LEVELS[a.task]
-    prefix = {"sr": "x", "denoise": "s", "deblock": "q"}[a.task]
+    prefix = PREFIX[a.task]
     res: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         scale_of = {lv: lv if a.task == "sr" else 1 for lv in levels}

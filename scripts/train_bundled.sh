@@ -54,20 +54,19 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --lr-schedule step --lr-gamma 0.3 --val-fraction 0.05 --val-every 250 --checkpoint-minutes 5
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
 bundled=src/napari_vdsr/weights/$name.safetensors
+card_steps() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${1%.safetensors}.json"; }
 if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), else
   # its committed weights (vdsr-sr-x234-grid: Adam restarts, --warmup 1000), else from scratch
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 60000 "$@"
   grid=src/napari_vdsr/weights/vdsr-sr-x234-grid.safetensors
   if [ -f "$grid" ]; then
-    steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${grid%.safetensors}.json")
-    exec napari-vdsr "${common[@]}" --from "$grid" --start-step "$steps" --warmup 1000 "$@"
+    exec napari-vdsr "${common[@]}" --from "$grid" --start-step "$(card_steps "$grid")" --warmup 1000 "$@"
   fi
   exec napari-vdsr "${common[@]}" "$@"
 elif [ -f "$run/checkpoint.pt" ]; then
   exec napari-vdsr "${common[@]}" --resume "$@"
 elif [ -f "$bundled" ]; then
-  steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${bundled%.safetensors}.json")
-  exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$steps" "$@"
+  exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" "$@"
 else
   exec napari-vdsr "${common[@]}" --from src/napari_vdsr/weights/vdsr-sr-x234.safetensors --transfer "$@"
 fi
