@@ -1,7 +1,7 @@
 """Validation PSNR against training steps for the three bundled-model runs.
 
-Reads ``runs/<run>/log.jsonl`` (the engine's log: ``"kind": "val"`` lines; lines that came
-from a GPU run carry ``"device"``), writes the curves to a small JSON file that is
+Reads ``runs/<run>/log.jsonl`` (the engine's log: ``"kind": "val"`` lines; a point's machine is
+its own ``"device"`` or that of the last ``"start"`` line before it: the card's name on a GPU), writes the curves to a small JSON file that is
 committed (``docs/training_curves.json``, so the figure can be redrawn without the runs)
 and draws ``docs/images/training_curves.png``.
 
@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-scratch-grid"],
         "denoise": ["denoise", "denoise-s7", "denoise-gpu8", "denoise-gpu9"],
         "deblock": ["deblock", "deblock-s7", "deblock-gpu9"]}
-GPU_COLOURS = ["tab:green", "tab:blue", "tab:orange"]
-TITLES = {"sr": "super-resolution, mean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
+#: one colour per card in every panel (a card not listed takes the next of GPU_COLOURS)
+CARD_COLOURS = {"NVIDIA H200": "tab:green", "NVIDIA H100": "tab:blue"}
+GPU_COLOURS = ["tab:orange", "tab:purple", "tab:brown"]
+TITLES = {"sr": "SR, the first run (the default until session 12)\nmean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40",
-          "sr-grid": "SR from scratch, pairs on the exact grid\n(session 11; mean of x2 / x3 / x4)"}
+          "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-12; the default from step 53,000)"}
 #: what a panel's PSNR is measured on (default: the held-out SunHays crops)
 VAL_ON = {"sr-grid": "the referee photos' 256 px crops"}
 #: the first SR run's bundled checkpoints (pairs off the grid at x2 / x4), scored afterwards on the
@@ -32,6 +34,11 @@ VAL_ON = {"sr-grid": "the referee photos' 256 px crops"}
 REFERENCE_POINTS = {"sr-grid": {"label": "first SR run's bundled checkpoints (old grid)",
                                 "points": {2800: 32.105, 7200: 32.619, 13000: 32.682, 27000: 32.862, 30500: 32.918,
                                            54500: 32.992}}}
+
+
+def short_device(name: str) -> str:
+    """``CPU``, or a card's name without its memory size (``NVIDIA H100 80GB HBM3`` → ``NVIDIA H100``)."""
+    return "CPU" if name.lower() == "cpu" else " ".join(name.split()[:2])
 
 
 def read_curves(runs: Path, known: dict | None = None) -> dict:
@@ -45,15 +52,18 @@ def read_curves(runs: Path, known: dict | None = None) -> dict:
             if not log.exists():
                 continue
             lr_at = {}
+            device = "CPU"
             for line in log.read_text().splitlines():
                 d = json.loads(line)
+                if d["kind"] == "start":
+                    device = short_device(d.get("device", "cpu"))
                 if d["kind"] == "step" and "lr" in d:
                     lr_at[d["step"]] = d["lr"]
                 if d["kind"] == "val":
                     pt = {"step": d["step"], "psnr": round(d["val_psnr"], 4),
                           "per_level": {k: round(v, 4) for k, v in d["val_per_level"].items()},
                           "input": round(d["val_baseline_psnr"], 4),
-                          "device": d.get("device", "CPU"), "lr": lr_at.get(d["step"])}
+                          "device": short_device(d.get("device", device)), "lr": lr_at.get(d["step"])}
                     if "val_raw_psnr" in d:  # --ema: psnr is the moving average, raw the optimiser's weights
                         pt["raw"] = round(d["val_raw_psnr"], 4)
                     points.append(pt)
@@ -112,7 +122,7 @@ def draw(curves: dict, out: Path) -> None:
                 j += 1
             start = pts[i - 1]["step"] if i else pts[i]["step"]
             new = dev not in colours
-            colours.setdefault(dev, GPU_COLOURS[len(colours) % len(GPU_COLOURS)])
+            colours.setdefault(dev, CARD_COLOURS.get(dev) or GPU_COLOURS[len(colours) % len(GPU_COLOURS)])
             ax.axvspan(start, pts[j]["step"], color=colours[dev], alpha=0.15, label=f"on {dev}" if new else None)
             i = j + 1
         ax.set_title(f"{task}: {TITLES[task]}")

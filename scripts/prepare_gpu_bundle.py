@@ -8,6 +8,10 @@
   differ from the float-Y ones by about 0.006 dB.
 * ``init/<task>.safetensors`` + ``.json``: the weights each run continues from, the best
   model of ``runs/<run>/`` if present (``RUNS`` below), else the bundled one.
+* ``resume/<task>/``: the run folder to resume exactly (``RESUME`` below: the SR run since
+  session 12), without its ``last.*`` exports; that task then gets no ``init/`` weights.
+* ``referee/``: the referee photos (``runs/referee-val/x1/HR``) a run validated on ``--val-data``
+  validates on there.
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
@@ -26,8 +30,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
-#: SR: always the bundled weights (the later SR runs lowered the referee, docs/training.md)
 RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
+#: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12)
+RESUME = {"sr": "sr-scratch-grid"}
+RUN_FILES = ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json"]
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 
@@ -62,7 +68,28 @@ def main(argv=None) -> int:
     out = Path(a.out)
     print(f"train/: {luminance_pngs(Path(a.data), out / 'train')} images")
     (out / "init").mkdir(parents=True, exist_ok=True)
+    resumed = set()
+    for task, run in RESUME.items():
+        folder = Path(a.runs) / run
+        if not (folder / "checkpoint.pt").exists():
+            continue
+        dst = out / "resume" / task
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for name in RUN_FILES:
+            if (folder / name).exists():
+                shutil.copy2(folder / name, dst / name)
+        resumed.add(task)
+        print(f"resume/{task}: {folder}")
+    referee = Path(a.runs) / "referee-val" / "x1" / "HR"
+    if referee.is_dir():
+        shutil.rmtree(out / "referee", ignore_errors=True)
+        shutil.copytree(referee, out / "referee")
     for task, run in RUNS.items():
+        if task in resumed:
+            for f in (out / "init").glob(f"{task}.*"):
+                f.unlink()
+            continue
         best = Path(a.runs) / run / "best.safetensors" if run else None
         src = best if best is not None and best.exists() else ROOT / "src" / "napari_vdsr" / "weights" / f"{BUNDLED[task]}.safetensors"
         shutil.copy2(src, out / "init" / f"{task}.safetensors")

@@ -4,7 +4,7 @@
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
 # SR (since session 11): runs/sr-scratch-grid resumed exactly, else continued from its committed weights
-# (vdsr-sr-x234-grid), else started from scratch.
+# (vdsr-sr-x234, the default since session 12), else started from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
 # bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
 # bundled SR weights (--transfer).
@@ -23,7 +23,7 @@ case $task in
   # the referee; check benchmarks/referee.py before bundling.
   sr)      name=vdsr-sr-x234;  seed=0
            [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
-           args=(--scales 2 3 4 --iterations 60000 --patch-size 41 --lr 1e-4 --lr-schedule constant --ema 0.999
+           args=(--scales 2 3 4 --iterations 100000 --patch-size 41 --lr 1e-4 --lr-schedule constant --ema 0.999
                  --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256 --val-every 500) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
@@ -56,11 +56,12 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
 bundled=src/napari_vdsr/weights/$name.safetensors
 card_steps() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${1%.safetensors}.json"; }
 if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), else
-  # its committed weights (vdsr-sr-x234-grid: Adam restarts, --warmup 1000), else from scratch
-  [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 60000 "$@"
-  grid=src/napari_vdsr/weights/vdsr-sr-x234-grid.safetensors
-  if [ -f "$grid" ]; then
-    exec napari-vdsr "${common[@]}" --from "$grid" --start-step "$(card_steps "$grid")" --warmup 1000 "$@"
+  # its committed weights (vdsr-sr-x234, this run's step 53,000 since session 12: Adam restarts, --warmup 1000),
+  # else from scratch. A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
+  [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 100000 \
+    --batch-size 32 --workers 0 --val-data runs/referee-val/x1/HR "$@"
+  if [ -f "$bundled" ]; then
+    exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" --warmup 1000 "$@"
   fi
   exec napari-vdsr "${common[@]}" "$@"
 elif [ -f "$run/checkpoint.pt" ]; then

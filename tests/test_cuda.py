@@ -97,6 +97,7 @@ def test_training_on_cuda_with_workers_checkpoints_and_loads_on_cpu(tmp_path: Pa
     tr = Trainer(TrainConfig(out=str(run), **cfg))
     it = tr.run()
     events = [next(it)]  # the network exists from the first event on
+    assert events[0].kind == "start" and events[0].device == torch.cuda.get_device_name(tr.device)
     before = {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()}
     events = [ev for ev in [*events, *it] if ev.kind in ("step", "val", "done")]
     assert tr.device.type == "cuda" and tr.amp_dtype in (torch.bfloat16, torch.float16)

@@ -197,6 +197,7 @@ def test_loss_falls_and_beats_bicubic_on_tiny_set(image_dir: Path, tmp_path: Pat
     assert (run / CHECKPOINT_NAME).exists() and (run / "best.safetensors").exists()
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "done"
+    assert lines[0]["device"] == "cpu"  # which machine ran the steps that follow (a card's name on CUDA)
     model, card = load_model(run, task="sr")
     assert card["training"]["steps"] >= 1 and card["tasks"] == ["sr"]
     assert model.depth == 3

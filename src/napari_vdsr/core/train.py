@@ -228,9 +228,18 @@ class TrainEvent:
     elapsed: float = 0.0
     message: str = ""
     path: Optional[str] = None
+    #: on ``start``: the machine that runs the steps from here ("cpu", or the card's name on CUDA),
+    #: so that a log continued on several machines says which steps ran where
+    device: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+
+
+def device_name(device: torch.device | str) -> str:
+    """``"cpu"`` (or another device's string), or the card's name for a CUDA device."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -733,7 +742,6 @@ class Trainer:
     def card(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Model card for the current weights."""
         cfg = self.config
-        dev = self.device
         card = {
             "name": cfg.name,
             "tasks": [cfg.task],
@@ -741,7 +749,7 @@ class Trainer:
             "training": {
                 "recipe": json.loads(cfg.model_dump_json(exclude={"out", "device"})),
                 "steps": self.step,
-                "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                "device": device_name(self.device),
                 "processes": self.world,
                 "precision": f"autocast {self.amp_dtype}".replace("torch.", "") if self.amp_dtype else "float32",
                 "compute_hours": round(self.compute_seconds * self.world / 3600.0, 4),
@@ -791,7 +799,7 @@ class Trainer:
             f"{self.n_train_planes} training planes, {self.n_val_planes} validation planes, device {self.device}"
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
                if self.step else "")
-        ), val_base_model_psnr=base_model_psnr)
+        ), val_base_model_psnr=base_model_psnr, device=device_name(self.device))
         self._log(start)
         yield start
         if self.out and self.is_main:
