@@ -12,7 +12,8 @@
 #   $G/train/*.png                     training images (here: SunHays80 as 8-bit luminance, to travel light)
 #   $G/init/{sr,denoise,deblock}.safetensors + .json   weights to continue from (e.g. runs/*/best.*)
 #   $G/resume/<task>/                  a run folder (checkpoint.pt, config.json, ...) to resume exactly
-#                                      instead (--resume; batch 64 and the GPU's workers override)
+#                                      instead (--resume; batch 64 and the GPU's workers override); on a
+#                                      second call on a warm machine, $RUNS/<task> goes on when it is ahead
 #   $G/referee/                        clean validation photos (runs/referee-val/x1/HR) for the task srpaper and
 #                                      for a resumed run validated on --val-data (runs/sr-scratch-grid, session 11)
 # Tasks: sr, denoise, deblock (continue a model), srpaper (the paper's SR recipe from scratch:
@@ -59,6 +60,8 @@ if [ "$DEVICE" = cuda ] && [ "$BENCH" != 0 ]; then
 fi
 
 # 2. training, the models of $TASKS at once (each with its own batch-drawing processes)
+# the step of a checkpoint file (0 when there is none)
+ck_step() { [ -f "$1" ] && $py -c "import sys, torch; print(torch.load(sys.argv[1], map_location='cpu', weights_only=False)['step'])" "$1" || echo 0; }
 step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['metrics']['validation'].get('step') or c['training']['steps'])" "$1"; }
 common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
@@ -80,7 +83,13 @@ launch() {
 }
 for t in $TASKS; do
   if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
-    cp -r "$G/resume/$t/." "$RUNS/$t/"
+    # a second call on the still-warm machine: $RUNS (ignored by git, so kept there between calls)
+    # holds this run further on than the carried folder; go on from there instead
+    if [ "$(ck_step "$RUNS/$t/checkpoint.pt")" -gt "$(ck_step "$G/resume/$t/checkpoint.pt")" ]; then
+      echo "$t: resuming $RUNS/$t (step $(ck_step "$RUNS/$t/checkpoint.pt")), ahead of $G/resume/$t" | tee -a "$OUT/gpu.txt"
+    else
+      cp -r "$G/resume/$t/." "$RUNS/$t/"
+    fi
     w=${extra[$t]##*--workers }; w=${w%% *}
     vd=()  # a run validated on --val-data (runs/sr-scratch-grid: the referee photos) validates on $G/referee there
     $py -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('val_data') else 1)" "$RUNS/$t/config.json" && vd=(--val-data "$G/referee")

@@ -15,7 +15,7 @@
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
-The folder must be ignored by git (``echo /.gpu/ >> .git/info/exclude``).
+The folder must be ignored by git (``.gitignore`` lists ``/.gpu/`` and the GPU runs' ``/gpu-runs/``).
 """
 
 from __future__ import annotations
