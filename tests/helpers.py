@@ -39,10 +39,10 @@ def busy_net(depth: int, width: int, seed: int = 0) -> VDSR:
     return net.eval()
 
 
-def load_benchmark_script(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (the benchmark scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"vdsr_bench_{name}", path)
+def load_benchmark_script(name: str, folder: str = "benchmarks") -> ModuleType:
+    """Import ``<folder>/<name>.py`` (the benchmark and helper scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"vdsr_{folder}_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

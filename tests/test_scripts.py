@@ -1,0 +1,60 @@
+"""The helper scripts of the bundled-weights training (scripts/): what they read and write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from helpers import load_benchmark_script
+from PIL import Image
+
+
+def _write_log(path: Path, lines: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+
+
+def _val(step: int, psnr: float) -> dict:
+    return {"kind": "val", "step": step, "total": 100, "val_psnr": psnr, "val_baseline_psnr": 30.0,
+            "val_per_level": {"2": psnr}}
+
+
+def test_plot_training_tells_gpu_steps_from_the_start_lines(tmp_path: Path) -> None:
+    plot = load_benchmark_script("plot_training", "scripts")
+    _write_log(tmp_path / "sr-scratch-grid" / "log.jsonl", [
+        {"kind": "start", "step": 0, "total": 100, "message": "device cpu"},  # an old log: no "device"
+        _val(10, 31.0),
+        {"kind": "start", "step": 15, "total": 100, "device": "NVIDIA H100 80GB HBM3"},
+        _val(20, 31.5), _val(30, 31.6),
+        {"kind": "start", "step": 35, "total": 100, "device": "cpu"},
+        _val(40, 31.7),
+    ])
+    curves = plot.read_curves(tmp_path)
+    assert [(p["step"], p["device"]) for p in curves["sr-grid"]] == [
+        (10, "CPU"), (20, "NVIDIA H100"), (30, "NVIDIA H100"), (40, "CPU")]
+
+
+def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> None:
+    prep = load_benchmark_script("prepare_gpu_bundle", "scripts")
+    data = tmp_path / "data"
+    data.mkdir()
+    rgb = (np.arange(24 * 32 * 3) % 251).reshape(24, 32, 3).astype(np.uint8)
+    Image.fromarray(rgb).save(data / "a.png")
+    runs = tmp_path / "runs"
+    run = runs / prep.RESUME["sr"]
+    run.mkdir(parents=True)
+    for name in ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json", "last.safetensors"]:
+        (run / name).write_text(name)
+    (runs / "referee-val" / "x1" / "HR").mkdir(parents=True)
+    (runs / "referee-val" / "x1" / "HR" / "photo.png").write_text("png")
+    out = tmp_path / "gpu"
+    (out / "init").mkdir(parents=True)
+    (out / "init" / "sr.safetensors").write_text("stale")  # from an earlier bundle
+    assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
+    y = np.asarray(Image.open(out / "train" / "a.png"))
+    assert y.shape == (24, 32) and y.dtype == np.uint8  # 8-bit luminance
+    assert sorted(p.name for p in (out / "resume" / "sr").iterdir()) == sorted(prep.RUN_FILES)  # no last.*
+    assert (out / "referee" / "photo.png").read_text() == "png"
+    assert not list((out / "init").glob("sr.*"))  # the resumed task takes no init weights
+    assert (out / "init" / "denoise.safetensors").exists() and (out / "init" / "deblock.json").exists()
