@@ -56,7 +56,7 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
 bundled=src/napari_vdsr/weights/$name.safetensors
 card_steps() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${1%.safetensors}.json"; }
 if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), else
-  # its committed weights (vdsr-sr-x234, this run's step 53,000 since session 12: Adam restarts, --warmup 1000),
+  # its committed weights (vdsr-sr-x234, this run's step 63,500 since session 12: Adam restarts, --warmup 1000),
   # else from scratch. A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 100000 \
     --batch-size 32 --workers 0 --val-data runs/referee-val/x1/HR "$@"
