@@ -85,8 +85,9 @@ for t in $TASKS; do
   if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
     # a second call on the still-warm machine: $RUNS (ignored by git, so kept there between calls)
     # holds this run further on than the carried folder; go on from there instead
-    if [ "$(ck_step "$RUNS/$t/checkpoint.pt")" -gt "$(ck_step "$G/resume/$t/checkpoint.pt")" ]; then
-      echo "$t: resuming $RUNS/$t (step $(ck_step "$RUNS/$t/checkpoint.pt")), ahead of $G/resume/$t" | tee -a "$OUT/gpu.txt"
+    here=$(ck_step "$RUNS/$t/checkpoint.pt")
+    if [ "$here" -gt "$(ck_step "$G/resume/$t/checkpoint.pt")" ]; then
+      echo "$t: resuming $RUNS/$t (step $here), ahead of $G/resume/$t" | tee -a "$OUT/gpu.txt"
     else
       cp -r "$G/resume/$t/." "$RUNS/$t/"
     fi
