@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -168,6 +169,32 @@ def test_warmup_ramps_the_first_steps_of_this_run() -> None:
     assert lr_at(cont, 29) == pytest.approx(0.01)  # before the run: not ramped
     assert [lr_at(cont, 30 + k) for k in range(5)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01])
     assert lr_at(cont, 40) == pytest.approx(0.001)
+
+
+def test_decay_start_delays_the_step_and_cosine_decays() -> None:
+    cos = TrainConfig(iterations=100, lr=1.0, lr_schedule="cosine", lr_gamma=0.0, decay_start=60)
+    assert lr_at(cos, 0) == lr_at(cos, 60) == pytest.approx(1.0)  # constant until the decay starts
+    assert lr_at(cos, 80) == pytest.approx(0.5)  # half-way through the remaining 40 steps
+    assert lr_at(cos, 100) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(cos, 70) > lr_at(cos, 71) > lr_at(cos, 90)
+    step = TrainConfig(iterations=100, lr=0.1, lr_schedule="step", lr_gamma=0.1, decay_start=60)
+    assert lr_at(step, 69) == pytest.approx(0.1)  # every (100 - 60) // 4 = 10 steps from step 60
+    assert [lr_at(step, k) for k in (70, 80, 95)] == pytest.approx([0.01, 0.001, 1e-4])
+
+
+def test_cli_resume_anneals_a_constant_run_from_decay_start(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(out), "--scales", "2",
+              "--batch-size", "2", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+              "--lr", "1e-3", "--val-every", "5"]
+    assert cli_main(common + ["--iterations", "4", "--lr-schedule", "constant"]) == 0
+    assert cli_main(common + ["--iterations", "8", "--resume", "--lr-schedule", "cosine", "--lr-gamma", "0",
+                              "--decay-start", "4"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr_schedule"] == "cosine" and cfg["decay_start"] == 4
+    lrs = {e["step"]: e["lr"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["kind"] == "step"}
+    assert lrs[4] == pytest.approx(1e-3)  # the constant leg
+    assert lrs[8] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # 8th step: 3 of 4 into the anneal
 
 
 def test_cli_warmup_reaches_the_config_and_is_kept_on_resume(image_dir: Path, tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--lr-schedule", choices=["step", "cosine", "constant"], default=d.lr_schedule)
     p.add_argument("--lr-step", type=int, default=None, help="step schedule: divide the lr every N steps (default iterations/4)")
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="lr factor per decay (step) or final fraction (cosine)")
+    p.add_argument("--decay-start", type=int, default=0, metavar="STEP",
+                   help="the step or cosine decay begins at this step, the lr is constant before it (e.g. to "
+                        "anneal a constant-lr run: --resume --lr-schedule cosine --decay-start <its step>)")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--clip-theta", type=float, default=None,
@@ -122,7 +125,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         data=[str(x) for x in data], task=a.task, scales=scales, scale_range=tuple(a.scale_range) if a.scale_range else None,
         sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
         photon_range=tuple(a.photon_range), read_noise=a.read_noise, iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
-        micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma,
+        micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma, decay_start=a.decay_start,
         warmup=a.warmup, momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
         clip_theta=theta or None, clip_mode=a.clip_mode, ema=a.ema, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
         val_data=[str(x) for x in a.val_data],
@@ -141,7 +144,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
 _RESUME_KEEP = (
     "data", "task", "scales", "scale_range", "sigma_range", "noise_model", "photon_range", "read_noise",
     "quality_range", "iterations", "batch_size", "patch_size", "depth", "width", "optimizer", "lr", "lr_schedule",
-    "lr_step", "lr_gamma", "warmup", "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "amp", "prescale", "val_prescale",
+    "lr_step", "lr_gamma", "decay_start", "warmup", "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "amp", "prescale", "val_prescale",
     "val_fraction", "val_data", "val_every", "val_crop", "init_from", "transfer", "start_step", "name",
 )
 #: command-line destinations whose TrainConfig field has another name
@@ -264,8 +267,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(include={
-        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "warmup", "momentum",
-        "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
+        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "decay_start", "warmup",
+        "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
         "checkpoint_minutes", "checkpoint_every", "workers", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
         "scale_range", "prescale", "val_prescale",
     })

@@ -88,6 +88,7 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["step", "cosine", "constant"] = "step"
     lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: iterations // 4)")
     lr_gamma: float = Field(0.1, ge=0, le=1)
+    decay_start: int = Field(0, ge=0, description="step at which the step or cosine decay begins (lr constant before): anneals a run that went on at a constant lr, e.g. on --resume")
     warmup: int = Field(0, ge=0, description="raise the lr linearly over the first N steps of this run, counted from start_step: lets Adam's moment estimates settle when a run restarts from exported weights")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -246,17 +247,19 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate used for step ``step`` (0-based): a pure function of the step.
 
     The schedule's lr, times ``(k + 1) / warmup`` for the first ``warmup`` steps of the run
-    (``k = step - start_step``: a run continued from exported weights warms up again).
+    (``k = step - start_step``: a run continued from exported weights warms up again).  The step
+    and cosine decays start at ``decay_start`` (the lr is ``lr`` before it).
     """
     base = cfg.lr
     if cfg.lr_schedule == "constant":
         lr = base
     elif cfg.lr_schedule == "cosine":
-        t = min(1.0, max(0.0, (step - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)))
+        s0 = max(cfg.warmup, cfg.decay_start)
+        t = min(1.0, max(0.0, (step - s0) / max(1, cfg.iterations - s0)))
         lr = base * (cfg.lr_gamma + (1 - cfg.lr_gamma) * 0.5 * (1 + math.cos(math.pi * t)))
     else:
-        every = cfg.lr_step or max(1, cfg.iterations // 4)
-        lr = base * cfg.lr_gamma ** (step // every)
+        every = cfg.lr_step or max(1, (cfg.iterations - cfg.decay_start) // 4)
+        lr = base * cfg.lr_gamma ** (max(0, step - cfg.decay_start) // every)
     k = step - cfg.start_step
     if cfg.warmup and 0 <= k < cfg.warmup:
         lr *= (k + 1) / cfg.warmup
