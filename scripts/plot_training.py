@@ -26,7 +26,7 @@ GPU_COLOURS = ["tab:orange", "tab:purple", "tab:brown"]
 TITLES = {"sr": "SR, the first run (the default until session 12)\nmean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40",
-          "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-12; the default at steps 53,000 and 63,500)"}
+          "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-13; the default at steps 53,000 and 63,500)"}
 #: what a panel's PSNR is measured on (default: the held-out SunHays crops)
 VAL_ON = {"sr-grid": "the referee photos' 256 px crops"}
 #: the first SR run's bundled checkpoints (pairs off the grid at x2 / x4), scored afterwards on the
