@@ -49,7 +49,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default 0.1 for sgd; adam: {d.lr if finetune else 1e-4:g})")
     p.add_argument("--lr-schedule", choices=["step", "cosine", "constant"], default=d.lr_schedule)
-    p.add_argument("--lr-step", type=int, default=None, help="step schedule: divide the lr every N steps (default iterations/4)")
+    p.add_argument("--lr-step", type=int, default=None, help="step schedule: divide the lr every N steps (default (iterations - decay start)/4)")
     p.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="lr factor per decay (step) or final fraction (cosine)")
     p.add_argument("--decay-start", type=int, default=0, metavar="STEP",
                    help="the step or cosine decay begins at this step, the lr is constant before it (e.g. to "

@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
     lr_schedule: Literal["step", "cosine", "constant"] = "step"
-    lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: iterations // 4)")
+    lr_step: Optional[int] = Field(None, ge=1, description="decay every N steps (default: (iterations - decay_start) // 4)")
     lr_gamma: float = Field(0.1, ge=0, le=1)
     decay_start: int = Field(0, ge=0, description="step at which the step or cosine decay begins (lr constant before): anneals a run that went on at a constant lr, e.g. on --resume")
     warmup: int = Field(0, ge=0, description="raise the lr linearly over the first N steps of this run, counted from start_step: lets Adam's moment estimates settle when a run restarts from exported weights")
