@@ -20,9 +20,9 @@ case $task in
   # network from scratch on the exact grid"): Adam 1e-4 constant with --ema 0.999 (session 11 dropped to 3e-5 at
   # step 12,000 and stood still until it went back to 1e-4 at 17,048), validated on the referee photos' crops
   # (runs/referee-val, built below). Continuations of the bundled weights (sessions 5-10) lost 0.05-0.15 dB on
-  # the referee; check benchmarks/referee.py before bundling. Session 13: a cosine anneal from step 66,000 lost on
-  # the referee (runs/sr-anneal13) and lr 2e-4 from the same checkpoint gained +0.02-0.03 on the crops at equal
-  # steps, so the run goes on at 2e-4 (saved in its config.json; a continuation of the bundled weights gets it too).
+  # the referee; check benchmarks/referee.py before bundling. Session 13: the referee and the benchmarks disagree
+  # about the lr (docs/training.md, "The referee misleads about the lr"): runs/sr-scratch-grid is the lr-2e-4
+  # branch from step 66,000; runs/sr-anneal13 the cosine anneal; runs/sr-scratch-grid-const66k the 1e-4 run.
   sr)      name=vdsr-sr-x234;  seed=0
            [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
            args=(--scales 2 3 4 --iterations 100000 --patch-size 41 --lr 1e-4 --lr-schedule constant --ema 0.999
@@ -63,7 +63,7 @@ if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 star
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 100000 \
     --batch-size 32 --workers 0 --val-data runs/referee-val/x1/HR "$@"
   if [ -f "$bundled" ]; then
-    exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" --warmup 1000 --lr 2e-4 "$@"
+    exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" --warmup 1000 "$@"
   fi
   exec napari-vdsr "${common[@]}" "$@"
 elif [ -f "$run/checkpoint.pt" ]; then
