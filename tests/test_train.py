@@ -197,6 +197,52 @@ def test_cli_resume_anneals_a_constant_run_from_decay_start(image_dir: Path, tmp
     assert lrs[8] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # 8th step: 3 of 4 into the anneal
 
 
+def _resume_val_run(out: Path, image_dir: Path, val_dir: Path, iterations: int, val_crop: int, resume: bool) -> str:
+    argv = ["train", "--data", str(image_dir), "--val-data", str(val_dir), "--device", "cpu", "--quiet", "--out", str(out),
+            "--scales", "2", "--batch-size", "2", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+            "--lr", "1e-3", "--val-every", "2", "--iterations", str(iterations), "--val-crop", str(val_crop)]
+    assert cli_main(argv + (["--resume"] if resume else [])) == 0
+    starts = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["kind"] == "start"]
+    return starts[-1]["message"]
+
+
+def test_resume_on_other_validation_pairs_restarts_the_best_and_keeps_the_old_one(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v"
+    _resume_val_run(out, image_dir, image_dir, 4, 32, resume=False)
+    old_best = load_checkpoint(out / CHECKPOINT_NAME)["best"]
+    old_weights = (out / "best.safetensors").read_bytes()
+    msg = _resume_val_run(out, image_dir, image_dir, 6, 24, resume=True)  # other crops: other scores
+    assert "validation changed" in msg and "best-before-4.safetensors" in msg
+    assert (out / "best-before-4.safetensors").read_bytes() == old_weights  # the earlier best is not lost
+    vals = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["kind"] == "val"]
+    first_after = next(e for e in vals if e["step"] == 6)
+    ck = load_checkpoint(out / CHECKPOINT_NAME)
+    # the first score on the new pairs is the best whatever the old best was
+    assert ck["best"] == pytest.approx(first_after["val_psnr"]) and ck["best"] != pytest.approx(old_best)
+    assert json.loads((out / "best.json").read_text())["metrics"]["validation"]["step"] == 6
+
+
+def test_resume_of_a_checkpoint_without_fingerprint_compares_the_validation_settings(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    _resume_val_run(out, image_dir, image_dir, 4, 32, resume=False)
+    ck = load_checkpoint(out / CHECKPOINT_NAME)
+    del ck["val_fingerprint"]  # as written before fingerprints existed
+    torch.save(ck, out / CHECKPOINT_NAME)
+    assert "validation changed (val_crop)" in _resume_val_run(out, image_dir, image_dir, 6, 24, resume=True)
+
+
+def test_resume_on_the_same_validation_images_elsewhere_keeps_the_best(image_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out, copy = tmp_path / "s", tmp_path / "copy-of-imgs"
+    shutil.copytree(image_dir, copy)
+    _resume_val_run(out, image_dir, image_dir, 4, 32, resume=False)
+    old_best = load_checkpoint(out / CHECKPOINT_NAME)["best"]
+    msg = _resume_val_run(out, image_dir, copy, 6, 32, resume=True)  # a GPU machine's copy of the same images
+    assert "validation changed" not in msg and not list(out.glob("best-before-*"))
+    assert load_checkpoint(out / CHECKPOINT_NAME)["best"] >= old_best
+
+
 def test_cli_warmup_reaches_the_config_and_is_kept_on_resume(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "w"
     common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(out), "--scales", "2",

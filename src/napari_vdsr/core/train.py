@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,20 @@ DEFAULT_LEVELS = {"sr": [2.0, 3.0, 4.0], "denoise": [15.0, 25.0, 50.0], "deblock
 #: of 41²): a batch-64 float32 step ran at 0.71 of the sgemm ideal in one piece, 0.85 in
 #: chunks of 16 (benchmarks/train_step.py), because the chunk's feature maps stay in cache.
 MICRO_BATCH_PIXELS = 16 * 41 * 41
+#: TrainConfig fields that decide the validation pairs (checked on resuming a checkpoint that has
+#: no fingerprint of its pairs; paths are left out, as a GPU machine reads the same images elsewhere)
+VALIDATION_SETTINGS = ("task", "val_fraction", "val_crop", "val_prescale", "val_levels", "scales", "sigma_range",
+                       "quality_range", "noise_model", "quantize")
+
+
+def validation_fingerprint(items: Sequence[Any]) -> str:
+    """SHA-1 of the validation pairs (names, levels, inputs, targets): equal exactly when they are."""
+    h = hashlib.sha1()
+    for it in items:
+        h.update(f"{it.name}|{it.level}|{it.shave}|{it.inp.shape}|".encode())
+        h.update(np.ascontiguousarray(it.inp, np.float32).tobytes())
+        h.update(np.ascontiguousarray(it.target, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def auto_micro_batch(batch: int, patch_size: int, device: torch.device | str) -> int:
@@ -457,6 +472,7 @@ class Trainer:
         self._pairs = pairs
         self.out = Path(config.out) if config.out else None
         self.best_path: Optional[Path] = None
+        self.val_restart = ""  # set when a resume validates differently from its checkpoint
         self.history: list[dict[str, Any]] = []
         self._prefetch: Optional[BatchPrefetcher] = None
 
@@ -523,6 +539,7 @@ class Trainer:
                 if val_planes else []
             )
             self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
+        self.val_fingerprint = validation_fingerprint(self.val_items)
         if cfg.workers:
             # started before the model touches the GPU: the forked workers only run NumPy
             self._prefetch = BatchPrefetcher(self.sampler, cfg.workers, cfg.seed, self.rank, self.local_batch)
@@ -592,6 +609,7 @@ class Trainer:
                 self.scaler.load_state_dict(ck["scaler"])
             self.step = int(ck["step"])
             self.best = float(ck.get("best", -math.inf))
+            self._restart_best_if_validation_changed(ck)
             self.compute_seconds = float(ck.get("compute_seconds", 0.0))
             if ck.get("base_state") is not None:
                 self.base_state = ck["base_state"]
@@ -608,6 +626,35 @@ class Trainer:
             if ck is not None and ck.get("ema") is not None:
                 self.ema_model.load_state_dict(ck["ema"])
                 self.ema_updates = int(ck.get("ema_updates", 0))
+
+    def _restart_best_if_validation_changed(self, ck: dict[str, Any]) -> None:
+        """A resume that validates on other items (images, crop, levels) starts the best score afresh.
+
+        Scores on another validation set are not comparable with the checkpoint's best, so
+        the first validation becomes the new best.  The earlier best export is kept, renamed
+        ``best-before-STEP.*``, so that nothing it held is overwritten.  The comparison is of
+        the validation pairs themselves (their fingerprint in the checkpoint), so the same
+        images under another path (a GPU machine's copy) change nothing; a checkpoint written
+        before fingerprints existed is compared on the validation settings instead.
+        """
+        if not math.isfinite(self.best):
+            return
+        if ck.get("val_fingerprint") is not None:
+            changed = ["the validation pairs"] if ck["val_fingerprint"] != self.val_fingerprint else []
+        else:
+            saved, now = ck.get("config") or {}, json.loads(self.config.model_dump_json())
+            changed = [k for k in VALIDATION_SETTINGS if k in saved and saved[k] != now.get(k)]
+        if not changed:
+            return
+        self.val_restart = f"validation changed ({', '.join(changed)}): the best score ({self.best:.3f}) restarts"
+        self.best = -math.inf
+        if self.out and self.is_main:
+            for ext in ("safetensors", "json"):
+                old = self.out / f"best.{ext}"
+                if old.exists():
+                    old.replace(self.out / f"best-before-{self.step}.{ext}")
+            if (self.out / f"best-before-{self.step}.safetensors").exists():
+                self.val_restart += f"; the earlier best is kept as best-before-{self.step}.safetensors"
 
     def _ema_decay(self) -> float:
         """Decay of the next update: ``ema``, lower for the first updates so that a random start fades fast."""
@@ -736,6 +783,7 @@ class Trainer:
             "base_state": self.base_state,
             "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
             "ema_updates": self.ema_updates,
+            "val_fingerprint": self.val_fingerprint,
             "format": "napari-vdsr-checkpoint/1",
         }
         path = self.out / CHECKPOINT_NAME
@@ -802,6 +850,7 @@ class Trainer:
             f"{self.n_train_planes} training planes, {self.n_val_planes} validation planes, device {self.device}"
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
                if self.step else "")
+            + (f"; {self.val_restart}" if self.val_restart else "")
         ), val_base_model_psnr=base_model_psnr, device=device_name(self.device))
         self._log(start)
         yield start
