@@ -10,8 +10,10 @@
   model of ``runs/<run>/`` if present (``RUNS`` below), else the bundled one.
 * ``resume/<task>/``: the run folder to resume exactly (``RESUME`` below: the SR run since
   session 12), without its ``last.*`` exports; that task then gets no ``init/`` weights.
-* ``referee/``: the referee photos (``runs/referee-val/x1/HR``) a run validated on ``--val-data``
-  validates on there.
+* ``referee/``: the images the resumed SR run validates on (the folder its ``config.json``
+  names in ``val_data``, e.g. ``runs/referee-photos/x1/HR`` since session 14), else the
+  referee photos ``runs/referee-val/x1/HR``; a run validated on ``--val-data`` validates on
+  them there (the same pairs: its best score goes on).
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
@@ -21,6 +23,7 @@ The folder must be ignored by git (``.gitignore`` lists ``/.gpu/`` and the GPU r
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
 RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
 #: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12)
-RESUME = {"sr": "sr-scratch-grid"}
+RESUME = {"sr": "sr-cycle2"}
 RUN_FILES = ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json"]
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
@@ -58,6 +61,19 @@ def luminance_pngs(src: Path, dst: Path) -> int:
     return n
 
 
+def validation_folder(run: Path, runs: Path) -> Path:
+    """The folder a run validates on (its ``val_data``), else the referee photos in ``runs``."""
+    try:
+        val_data = json.loads((run / "config.json").read_text()).get("val_data") or []
+    except (OSError, ValueError, AttributeError):
+        val_data = []
+    for v in val_data:
+        p = Path(v) if Path(v).is_absolute() else ROOT / v
+        if p.is_dir():
+            return p
+    return runs / "referee-val" / "x1" / "HR"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
@@ -69,6 +85,7 @@ def main(argv=None) -> int:
     print(f"train/: {luminance_pngs(Path(a.data), out / 'train')} images")
     (out / "init").mkdir(parents=True, exist_ok=True)
     resumed = set()
+    referee = Path(a.runs) / "referee-val" / "x1" / "HR"
     for task, run in RESUME.items():
         folder = Path(a.runs) / run
         if not (folder / "checkpoint.pt").exists():
@@ -81,8 +98,10 @@ def main(argv=None) -> int:
                 shutil.copy2(folder / name, dst / name)
         resumed.add(task)
         print(f"resume/{task}: {folder}")
-    referee = Path(a.runs) / "referee-val" / "x1" / "HR"
+        if task == "sr":
+            referee = validation_folder(folder, Path(a.runs))
     if referee.is_dir():
+        print(f"referee/: {referee}")
         shutil.rmtree(out / "referee", ignore_errors=True)
         shutil.copytree(referee, out / "referee")
     for task, run in RUNS.items():

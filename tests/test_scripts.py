@@ -57,4 +57,11 @@ def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> 
     assert sorted(p.name for p in (out / "resume" / "sr").iterdir()) == sorted(prep.RUN_FILES)  # no last.*
     assert (out / "referee" / "photo.png").read_text() == "png"
     assert not list((out / "init").glob("sr.*"))  # the resumed task takes no init weights
+    # a run that validates on its own folder takes that folder as the referee
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "astronaut.png").write_text("own")
+    (run / "config.json").write_text(json.dumps({"val_data": [str(photos)]}))
+    assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
+    assert sorted(p.name for p in (out / "referee").iterdir()) == ["astronaut.png"]
     assert (out / "init" / "denoise.safetensors").exists() and (out / "init" / "deblock.json").exists()
