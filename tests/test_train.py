@@ -243,6 +243,17 @@ def test_resume_on_the_same_validation_images_elsewhere_keeps_the_best(image_dir
     assert load_checkpoint(out / CHECKPOINT_NAME)["best"] >= old_best
 
 
+def test_cli_resume_keeps_recipe_fields_the_command_line_has_no_option_for(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    list(train(_cfg(out, [str(image_dir)], iterations=4, val_every=2, val_levels=[3.0], quantize=False)))
+    assert cli_main(["train", "--data", str(image_dir), "--out", str(out), "--device", "cpu", "--quiet", "--resume",
+                     "--iterations", "6"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["val_levels"] == [3.0] and cfg["quantize"] is False and cfg["iterations"] == 6
+    vals = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if e["kind"] == "val"]
+    assert vals[-1]["step"] == 6 and set(vals[-1]["val_per_level"]) == {"3"}  # x3 only
+
+
 def test_cli_warmup_reaches_the_config_and_is_kept_on_resume(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "w"
     common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--out", str(out), "--scales", "2",

@@ -138,15 +138,14 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     return TrainConfig(**kw)
 
 
-#: TrainConfig fields that ``--resume`` takes from RUN_DIR/config.json unless the command line
-#: gives them again (the recipe; device, workers, micro-batches and checkpoint timing follow
-#: the command line, as they belong to the machine)
-_RESUME_KEEP = (
-    "data", "task", "scales", "scale_range", "sigma_range", "noise_model", "photon_range", "read_noise",
-    "quality_range", "iterations", "batch_size", "patch_size", "depth", "width", "optimizer", "lr", "lr_schedule",
-    "lr_step", "lr_gamma", "decay_start", "warmup", "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "amp", "prescale", "val_prescale",
-    "val_fraction", "val_data", "val_every", "val_crop", "init_from", "transfer", "start_step", "name",
-)
+#: TrainConfig fields that belong to the machine, not to the recipe: ``--resume`` takes every
+#: other field from RUN_DIR/config.json unless the command line gives it again (so a field added
+#: to TrainConfig is part of the recipe by default)
+_MACHINE_FIELDS = ("device", "workers", "micro_batch", "checkpoint_minutes", "checkpoint_every", "out")
+#: TrainConfig fields that ``finetune`` does not pass on as overrides: the model's shape and data
+#: come from the base model and the command's own arguments
+_FINETUNE_OWN = {"data", "task", "scales", "depth", "width", "transfer", "out", "name", "init_from", "start_step",
+                 "quantize", "val_levels"}
 #: command-line destinations whose TrainConfig field has another name
 _DEST_FIELD = {"no_amp": "amp", "images": "data", "scale": "scales"}
 
@@ -187,7 +186,7 @@ def _resume_config(cfg, a: argparse.Namespace):
     given = _given_fields(parser, argv)
     new = cfg.model_dump(mode="json")
     merged, changed = dict(new), []
-    for k in _RESUME_KEEP:
+    for k in (f for f in TrainConfig.model_fields if f not in _MACHINE_FIELDS):
         if k not in saved:  # a run saved before this option existed: the command line decides
             if k in given:
                 changed.append(f"{k} (not in config.json) -> {new[k]}")
@@ -266,12 +265,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if not a.images and not a.pairs:
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
     cfg = _config_from_args(a, finetune=True)
-    overrides = cfg.model_dump(include={
-        "iterations", "batch_size", "micro_batch", "patch_size", "optimizer", "lr", "lr_schedule", "lr_step", "lr_gamma", "decay_start", "warmup",
-        "momentum", "weight_decay", "clip_theta", "clip_mode", "ema", "seed", "device", "amp", "val_fraction", "val_data", "val_every", "val_crop",
-        "checkpoint_minutes", "checkpoint_every", "workers", "sigma_range", "quality_range", "noise_model", "photon_range", "read_noise",
-        "scale_range", "prescale", "val_prescale",
-    })
+    overrides = cfg.model_dump(exclude=_FINETUNE_OWN)
     pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None
     trainer = make_finetune_trainer(
         a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from, scales=cfg.scales,
