@@ -3,8 +3,8 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# SR (since session 11): runs/sr-scratch-grid resumed exactly, else continued from its committed weights
-# (vdsr-sr-x234, the default since session 12), else started from scratch.
+# SR (since session 14): runs/sr-cycle2 resumed exactly, else continued from the committed weights
+# (vdsr-sr-x234, its step 86,000), else started from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
 # bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
 # bundled SR weights (--transfer).
@@ -16,17 +16,16 @@ export OMP_NUM_THREADS=${THREADS:-2}
 data=${DATA:-../shared/data/train/SunHays80}
 seed=0
 case $task in
-  # SR since session 11: a run FROM SCRATCH on the exact grid (runs/sr-scratch-grid; docs/training.md, "The full
-  # network from scratch on the exact grid"): Adam 1e-4 constant with --ema 0.999 (session 11 dropped to 3e-5 at
-  # step 12,000 and stood still until it went back to 1e-4 at 17,048), validated on the referee photos' crops
-  # (runs/referee-val, built below). Continuations of the bundled weights (sessions 5-10) lost 0.05-0.15 dB on
-  # the referee; check benchmarks/referee.py before bundling. Session 13: the referee and the benchmarks disagree
-  # about the lr (docs/training.md, "The referee misleads about the lr"): runs/sr-scratch-grid is the lr-2e-4
-  # branch from step 66,000; runs/sr-anneal13 the cosine anneal; runs/sr-scratch-grid-const66k the 1e-4 run.
+  # SR since session 11: a run FROM SCRATCH on the exact grid (docs/training.md, "The full network from scratch on
+  # the exact grid"): Adam 1e-4 with --ema 0.999 to step 66,000, a cosine anneal to 1e-6 at 86,000 (its last
+  # weights are the default vdsr-sr-x234 since session 14), then runs/sr-cycle2: back to 1e-4 until 90,000 and a
+  # cosine to 1e-6 at 100,000, validated on the referee's natural photos, whole (runs/referee-photos, built
+  # below; session 13 found the textures and microscopy images of the full referee rank the lr the other way).
   sr)      name=vdsr-sr-x234;  seed=0
-           [ -d runs/referee-val/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-val'))"
-           args=(--scales 2 3 4 --iterations 100000 --patch-size 41 --lr 1e-4 --lr-schedule constant --ema 0.999
-                 --val-data runs/referee-val/x1/HR --val-prescale 1 --val-crop 256 --val-every 500) ;;
+           [ -d runs/referee-photos/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-photos'), images=referee.PHOTOS)"
+           args=(--scales 2 3 4 --iterations 100000 --patch-size 41 --lr 1e-4 --lr-schedule cosine --lr-gamma 0.01
+                 --decay-start 90000 --ema 0.999 --val-data runs/referee-photos/x1/HR --val-prescale 1 --val-crop 1024
+                 --val-every 1000) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
   denoise) name=vdsr-denoise;  seed=7
@@ -36,11 +35,11 @@ case $task in
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 # The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
-# SR since session 11: runs/sr-scratch-grid (session 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
+# SR since session 14: runs/sr-cycle2 (11-13: runs/sr-scratch-grid, runs/sr-anneal13; 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
 # an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
 case $task in
-  sr) candidates=(runs/sr-scratch-grid) ;;
+  sr) candidates=(runs/sr-cycle2) ;;
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
@@ -57,11 +56,11 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
         --seed "$seed" --device cpu --out "$run" --name "$name" "${args[@]}")
 bundled=src/napari_vdsr/weights/$name.safetensors
 card_steps() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${1%.safetensors}.json"; }
-if [ "$task" = sr ]; then  # its exact resume (the saved recipe; session 11 started it with --iterations 30000), else
-  # its committed weights (vdsr-sr-x234, this run's step 63,500 since session 12: Adam restarts, --warmup 1000),
-  # else from scratch. A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
-  [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume --iterations 100000 \
-    --batch-size 32 --workers 0 --val-data runs/referee-val/x1/HR "$@"
+if [ "$task" = sr ]; then  # its exact resume (the recipe in its config.json), else its committed weights
+  # (vdsr-sr-x234 = step 86,000 of the same run since session 14: Adam restarts, --warmup 1000), else from scratch.
+  # A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
+  [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume \
+    --batch-size 32 --workers 0 --val-data runs/referee-photos/x1/HR "$@"
   if [ -f "$bundled" ]; then
     exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" --warmup 1000 "$@"
   fi
