@@ -5,7 +5,9 @@
 
 The weights are re-saved (safetensors, float32) with a card that records the
 training recipe, the compute spent, the validation metrics and, when given,
-the benchmark table measured with ``napari-vdsr evaluate``.
+the benchmark table measured with ``napari-vdsr evaluate``.  The machine, batch and
+learning rate of each leg of a run resumed across machines come from the run's
+``log.jsonl`` (``napari_vdsr.core.runlog``); ``--compute-note`` adds prose.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from napari_vdsr.core.runlog import describe_legs
 from napari_vdsr.core.weights import BUNDLED_DIR, load_model, save_model
 
 
@@ -33,7 +36,12 @@ def main() -> None:
     if a.tasks:
         card["tasks"] = a.tasks
     card["default_for"] = a.default_for
-    tr = card.get("training", {})
+    tr = card.setdefault("training", {})
+    run_dir = Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent
+    legs = describe_legs(run_dir / "log.jsonl", int(tr.get("steps", 0))) if tr.get("steps") else None
+    if legs:  # machine, batch and lr by leg, from the run's log (a card exported by an older engine lacks them)
+        tr.update(legs)
+        print("legs from the log: " + json.dumps(legs))
     val_data = tr.get("recipe", {}).get("val_data")
     if val_data:  # --val-data: every training image trains, validation on separate images
         card["training_data"] = (f"SunHays80 (80 natural RGB images, luminance), all {tr.get('train_planes', 80)} train; "

@@ -247,6 +247,8 @@ class TrainEvent:
     #: on ``start``: the machine that runs the steps from here ("cpu", or the card's name on CUDA),
     #: so that a log continued on several machines says which steps ran where
     device: Optional[str] = None
+    #: on ``start``: the batch (all processes together) of the steps from here
+    batch: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
@@ -811,6 +813,12 @@ class Trainer:
             "metrics": {"validation": metrics},
             "normalization": "uint8 / 255; other dtypes by the image's min..max",
         }
+        if self.out is not None:  # machine, batch and lr of each leg of a run resumed across machines
+            from .runlog import describe_legs
+
+            legs = describe_legs(self.out / "log.jsonl", self.step)
+            if legs:
+                card["training"].update(legs)
         card.update(self.card_extra)
         return card
 
@@ -851,7 +859,7 @@ class Trainer:
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
                if self.step else "")
             + (f"; {self.val_restart}" if self.val_restart else "")
-        ), val_base_model_psnr=base_model_psnr, device=device_name(self.device))
+        ), val_base_model_psnr=base_model_psnr, device=device_name(self.device), batch=cfg.batch_size)
         self._log(start)
         yield start
         if self.out and self.is_main:

@@ -1,0 +1,153 @@
+"""What a run's ``log.jsonl`` says about how its weights were trained: machine, batch and lr by leg.
+
+A run that is resumed on other machines (a CPU, then a GPU lease, then the CPU again) logs a
+``start`` event each time, with the step it resumed at, the machine (``device``) and, since
+session 14, the batch.  Work logged after a checkpoint and then redone from that checkpoint
+(a resume at an earlier step than the log had reached) is dropped, so the legs describe the
+steps that the final weights actually went through.  :func:`describe_legs` turns them into the
+model card's ``device``, ``batch_by_leg``, ``lr_by_leg`` and ``wall_hours_by_device`` entries
+(the wall time of each machine's legs, validation included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+_DEVICE_IN_MESSAGE = re.compile(r"device ([^,;]+)")
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a ``log.jsonl`` (lines that are not JSON objects are skipped)."""
+    events = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and "kind" in ev and "step" in ev:
+            events.append(ev)
+    return events
+
+
+def _device_of(ev: dict[str, Any]) -> str:
+    if ev.get("device"):
+        return str(ev["device"])
+    m = _DEVICE_IN_MESSAGE.search(ev.get("message", ""))
+    return m.group(1).strip() if m else "unknown"
+
+
+def training_legs(events: Iterable[dict[str, Any]], end_step: int) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+    """The legs that led to step ``end_step``, and the (step, lr) points of the steps they ran.
+
+    Each leg is ``{"from", "to", "device", "batch", "seconds"}`` (``batch`` None where the log
+    predates it; ``seconds`` the wall time of the leg's steps).  Consecutive legs on the same
+    machine with the same batch are merged.
+    """
+    legs: list[dict[str, Any]] = []
+    points: list[tuple[int, float]] = []
+    for ev in events:
+        step = int(ev["step"])
+        if ev["kind"] == "start":
+            # the weights are back at `step`: what was logged beyond it was redone
+            legs = [lg for lg in legs if lg["from"] < step]
+            points = [p for p in points if p[0] <= step]
+            if legs:
+                legs[-1]["to"] = step
+                legs[-1]["times"] = [t for t in legs[-1]["times"] if t[0] <= step]
+            legs.append({"from": step, "to": step, "device": _device_of(ev), "batch": ev.get("batch"), "times": []})
+        elif ev["kind"] == "step" and legs and step <= end_step:
+            legs[-1]["to"] = step
+            legs[-1]["times"].append((step, float(ev.get("elapsed", 0.0))))
+            if ev.get("lr") is not None:
+                points.append((step, float(ev["lr"])))
+    legs = [lg for lg in legs if lg["from"] < end_step]
+    if legs:
+        legs[-1]["to"] = end_step
+    for lg in legs:
+        lg["seconds"] = lg.pop("times")[-1][1] if lg["times"] else 0.0
+    merged: list[dict[str, Any]] = []
+    for lg in legs:
+        if merged and merged[-1]["device"] == lg["device"] and merged[-1]["batch"] == lg["batch"]:
+            merged[-1]["to"] = lg["to"]
+            merged[-1]["seconds"] += lg["seconds"]
+        elif lg["to"] > lg["from"]:
+            merged.append(dict(lg))
+    return merged, points
+
+
+def lr_segments(points: list[tuple[int, float]], end_step: int, starts: Iterable[int] = ()) -> list[dict[str, Any]]:
+    """Stretches of constant lr (``lr`` a number) and of a changing lr (``lr`` "a -> b").
+
+    A logged step ``k`` is the lr of the k-th step (k steps done).  The log has it every few
+    steps; a change between two logged steps is placed at a resume (``starts``) between them
+    when there is one, else at the earlier logged step (a schedule that changes "after step
+    12,000" shows first at the next logged step).
+    """
+    if not points:
+        return []
+    starts = sorted(set(starts))
+    # the points of each stretch between resumes: an lr may jump at a resume (a command-line change)
+    chunks: list[list[tuple[int, float]]] = [[points[0]]]
+    for a, b in zip(points, points[1:]):
+        if any(a[0] <= s_ < b[0] for s_ in starts):  # points up to a start's step came before it
+            chunks.append([])
+        chunks[-1].append(b)
+    groups: list[dict[str, Any]] = []  # {"pts": [...], "flat": bool}
+    for chunk in chunks:
+        flat = [len(chunk) == 1 or any(
+            0 <= n < len(chunk) and math.isclose(chunk[i][1], chunk[n][1], rel_tol=1e-6) for n in (i - 1, i + 1))
+            for i in range(len(chunk))]
+        for i, pt in enumerate(chunk):
+            g = groups[-1] if groups else None
+            if g is not None and g["flat"] == flat[i] and (
+                    not flat[i] or math.isclose(g["pts"][-1][1], pt[1], rel_tol=1e-6)):
+                g["pts"].append(pt)
+            else:
+                groups.append({"pts": [pt], "flat": flat[i]})
+    segs: list[dict[str, Any]] = []
+    prev_step = None
+    for g in groups:
+        first, last = g["pts"][0], g["pts"][-1]
+        lo = 0
+        if segs:
+            resumed = [s_ for s_ in starts if prev_step <= s_ < first[0]]
+            lo = resumed[0] if resumed else prev_step
+            segs[-1]["to"] = lo
+        lr: Any = first[1] if g["flat"] else f"{first[1]:.2g} -> {last[1]:.2g}"
+        segs.append({"from": lo, "to": end_step, "lr": lr})
+        prev_step = last[0]
+    return segs
+
+
+def describe_legs(log_path: str | Path, end_step: int) -> Optional[dict[str, Any]]:
+    """Card entries for the run whose log is ``log_path``, up to ``end_step``; None without a log."""
+    path = Path(log_path)
+    if not path.is_file():
+        return None
+    events = read_log(path)
+    legs, points = training_legs(events, end_step)
+    if not legs:
+        return None
+    starts = [int(ev["step"]) for ev in events if ev["kind"] == "start"]
+
+    def span(a: int, b: int) -> str:
+        return f"{a:,}-{b:,}"
+
+    by_device: dict[str, list[str]] = {}
+    hours: dict[str, float] = {}
+    for lg in legs:
+        by_device.setdefault(lg["device"], []).append(span(lg["from"], lg["to"]))
+        hours[lg["device"]] = hours.get(lg["device"], 0.0) + lg["seconds"] / 3600.0
+    out: dict[str, Any] = {
+        "device": ", ".join(f"{d} (steps {' and '.join(s)})" for d, s in by_device.items()) if len(by_device) > 1
+        else next(iter(by_device)),
+        "wall_hours_by_device": {d: round(h, 3) for d, h in hours.items()},
+        "lr_by_leg": {f"{s['from']}-{s['to']}": s["lr"] for s in lr_segments(points, end_step, starts)},
+    }
+    if all(lg["batch"] is not None for lg in legs):
+        out["batch_by_leg"] = {f"{lg['from']}-{lg['to']}": lg["batch"] for lg in legs}
+    return out

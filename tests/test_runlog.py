@@ -1,0 +1,69 @@
+"""``core.runlog``: the machine, batch and learning rate of each leg of a run, from its log.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from napari_vdsr.cli import main as cli_main
+from napari_vdsr.core.runlog import describe_legs, lr_segments, training_legs
+
+
+def _steps(a: int, b: int, lr, leg_start: int | None = None, every: int = 10) -> list[dict]:
+    """Step events after step a up to b; ``elapsed``: 1 s per step since the process started at ``leg_start``."""
+    t0 = a if leg_start is None else leg_start
+    return [{"kind": "step", "step": k, "lr": lr(k) if callable(lr) else lr, "elapsed": float(k - t0)}
+            for k in range(a + every, b + 1, every)]
+
+
+def _log(tmp_path: Path) -> Path:
+    ev = [{"kind": "start", "step": 0, "message": "8 training planes, 1 validation planes, device cpu"}]  # an old line
+    ev += _steps(0, 100, 1e-4) + _steps(100, 140, 3e-5, leg_start=0)  # the schedule drops after step 100
+    ev += [{"kind": "start", "step": 140, "message": "resumed at step 140", "device": "cpu"}] + _steps(140, 230, 1e-4)
+    # a GPU lease resumed the step-200 checkpoint: the CPU's steps 201-230 were redone there
+    ev += [{"kind": "start", "step": 200, "device": "Some GPU", "batch": 64}]
+    ev += _steps(200, 300, lambda k: 1e-4 * (1 - (k - 200) / 200))  # a decay
+    ev += [{"kind": "val", "step": 300, "val_psnr": 30.0}]
+    p = tmp_path / "log.jsonl"
+    p.write_text("\n".join(json.dumps(e) for e in ev) + "\nnot json\n")
+    return p
+
+
+def test_legs_drop_redone_steps_and_merge_machines(tmp_path: Path) -> None:
+    legs = describe_legs(_log(tmp_path), 300)
+    assert legs["device"] == "cpu (steps 0-200), Some GPU (steps 200-300)"
+    assert legs["lr_by_leg"] == {"0-100": 1e-4, "100-140": 3e-5, "140-200": 1e-4, "200-300": "9.5e-05 -> 5e-05"}  # as logged
+    assert "batch_by_leg" not in legs  # the CPU legs predate the batch in the log
+    assert legs["wall_hours_by_device"] == pytest.approx({"cpu": 200 / 3600, "Some GPU": 100 / 3600}, abs=6e-4)  # not 230 s
+    # an earlier step of the same run: only what led there
+    early = describe_legs(_log(tmp_path), 120)
+    assert early["device"] == "cpu" and early["lr_by_leg"] == {"0-100": 1e-4, "100-120": 3e-5}
+
+
+def test_lr_segments_of_a_warmup_then_constant() -> None:
+    pts = [(10, 1e-5), (20, 2e-5), (30, 3e-5), (40, 3e-5), (50, 3e-5)]
+    assert lr_segments(pts, 50) == [{"from": 0, "to": 20, "lr": "1e-05 -> 2e-05"}, {"from": 20, "to": 50, "lr": 3e-5}]
+    legs, _ = training_legs([{"kind": "start", "step": 0, "device": "cpu", "batch": 8}], 0)
+    assert legs == []  # nothing ran
+
+
+def test_a_resumed_run_with_another_batch_records_both_legs_in_its_card(tmp_path: Path) -> None:
+    from PIL import Image
+    import numpy as np
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    common = ["train", "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet", "--scales", "2",
+              "--patch-size", "16", "--depth", "3", "--width", "8", "--val-every", "2", "--lr-schedule", "constant"]
+    assert cli_main(common + ["--iterations", "4", "--batch-size", "2"]) == 0
+    assert cli_main(common + ["--iterations", "8", "--batch-size", "4", "--resume"]) == 0
+    card = json.loads((out / "last.json").read_text())["training"]
+    assert card["steps"] == 8 and card["device"] == "cpu"
+    assert card["batch_by_leg"] == {"0-4": 2, "4-8": 4}
+    assert list(card["lr_by_leg"]) == ["0-8"]
