@@ -46,3 +46,24 @@ def load_benchmark_script(name: str, folder: str = "benchmarks") -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def tiny_run_in_legs(tmp_path: Path, legs: list[list[str]]) -> Path:
+    """A tiny SR run on random images, trained by ``napari-vdsr train`` once per leg (each after
+    the first with ``--resume``); each leg's extra options, e.g. ``["--iterations", "4"]``."""
+    import numpy as np
+    from PIL import Image
+
+    from napari_vdsr.cli import main as cli_main
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(data / f"{i}.png")
+    run = tmp_path / "run"
+    common = ["train", "--data", str(data), "--out", str(run), "--device", "cpu", "--quiet", "--scales", "2",
+              "--patch-size", "16", "--depth", "3", "--width", "8", "--val-every", "2", "--lr-schedule", "constant"]
+    for i, extra in enumerate(legs):
+        assert cli_main(common + list(extra) + (["--resume"] if i else [])) == 0
+    return run

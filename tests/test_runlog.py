@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run_in_legs
 
-from napari_vdsr.cli import main as cli_main
 from napari_vdsr.core.runlog import describe_legs, lr_segments, training_legs
 
 
@@ -50,19 +50,7 @@ def test_lr_segments_of_a_warmup_then_constant() -> None:
 
 
 def test_a_resumed_run_with_another_batch_records_both_legs_in_its_card(tmp_path: Path) -> None:
-    from PIL import Image
-    import numpy as np
-
-    data = tmp_path / "imgs"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(data / f"{i}.png")
-    out = tmp_path / "run"
-    common = ["train", "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet", "--scales", "2",
-              "--patch-size", "16", "--depth", "3", "--width", "8", "--val-every", "2", "--lr-schedule", "constant"]
-    assert cli_main(common + ["--iterations", "4", "--batch-size", "2"]) == 0
-    assert cli_main(common + ["--iterations", "8", "--batch-size", "4", "--resume"]) == 0
+    out = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2"], ["--iterations", "8", "--batch-size", "4"]])
     card = json.loads((out / "last.json").read_text())["training"]
     assert card["steps"] == 8 and card["device"] == "cpu"
     assert card["batch_by_leg"] == {"0-4": 2, "4-8": 4}

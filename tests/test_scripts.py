@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from helpers import load_benchmark_script
+from helpers import load_benchmark_script, tiny_run_in_legs
 from PIL import Image
 
 
@@ -68,20 +68,11 @@ def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> 
 
 
 def test_bundle_model_takes_the_legs_from_the_run_log(tmp_path: Path, monkeypatch) -> None:
-    from napari_vdsr.cli import main as cli_main
     from napari_vdsr.core.weights import load_model
 
     bundle = load_benchmark_script("bundle_model", "scripts")
-    data = tmp_path / "imgs"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(data / f"{i}.png")
-    run = tmp_path / "run"
-    common = ["train", "--data", str(data), "--out", str(run), "--device", "cpu", "--quiet", "--scales", "2",
-              "--patch-size", "16", "--depth", "3", "--width", "8", "--val-every", "2", "--lr-schedule", "constant"]
-    assert cli_main(common + ["--iterations", "4", "--batch-size", "2", "--lr", "1e-3"]) == 0
-    assert cli_main(common + ["--iterations", "6", "--batch-size", "4", "--lr", "1e-4", "--resume"]) == 0
+    run = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2", "--lr", "1e-3"],
+                                      ["--iterations", "6", "--batch-size", "4", "--lr", "1e-4"]])
     # an export written by an older engine has no legs: the script adds them from log.jsonl
     card = json.loads((run / "last.json").read_text())
     for k in ("batch_by_leg", "lr_by_leg", "wall_hours_by_device"):
