@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
-RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-scratch-grid"],
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-cycle2"], "sr-photos": ["sr-cycle2"],
         "denoise": ["denoise", "denoise-s7", "denoise-gpu8", "denoise-gpu9"],
         "deblock": ["deblock", "deblock-s7", "deblock-gpu9"]}
 #: one colour per card in every panel (a card not listed takes the next of GPU_COLOURS)
@@ -26,9 +26,13 @@ GPU_COLOURS = ["tab:orange", "tab:purple", "tab:brown"]
 TITLES = {"sr": "SR, the first run (the default until session 12)\nmean of x2 / x3 / x4", "sr-prescale": "SR from step 48,250 on images shrunk by 2\n"
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40",
-          "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-13; the default at steps 53,000 and 63,500)"}
+          "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-14; default at 53k, 63.5k and 86k steps)",
+          "sr-photos": "the same run's second cycle (session 14)\nlr 1e-4, then a cosine from 90,000; the default at 100,000"}
+#: the steps of a run that a panel shows (its log holds the whole lineage, copied from run to run;
+#: sr-cycle2 validated on other images from step 86,000: another panel)
+STEPS = {"sr-grid": (0, 86000), "sr-photos": (86001, None)}
 #: what a panel's PSNR is measured on (default: the held-out SunHays crops)
-VAL_ON = {"sr-grid": "the referee photos' 256 px crops"}
+VAL_ON = {"sr-grid": "the referee photos' 256 px crops", "sr-photos": "the referee's three natural photos, whole"}
 #: the first SR run's bundled checkpoints (pairs off the grid at x2 / x4), scored afterwards on the
 #: referee crops (``benchmarks/referee.py MODEL --crop 256`` on the weights in git history)
 REFERENCE_POINTS = {"sr-grid": {"label": "first SR run's bundled checkpoints (old grid)",
@@ -59,7 +63,8 @@ def read_curves(runs: Path, known: dict | None = None) -> dict:
                     device = short_device(d.get("device", "cpu"))
                 if d["kind"] == "step" and "lr" in d:
                     lr_at[d["step"]] = d["lr"]
-                if d["kind"] == "val":
+                lo, hi = STEPS.get(task, (0, None))
+                if d["kind"] == "val" and lo <= d["step"] and (hi is None or d["step"] <= hi):
                     pt = {"step": d["step"], "psnr": round(d["val_psnr"], 4),
                           "per_level": {k: round(v, 4) for k, v in d["val_per_level"].items()},
                           "input": round(d["val_baseline_psnr"], 4),
@@ -103,13 +108,15 @@ def draw(curves: dict, out: Path) -> None:
         if raw:
             ax.plot([p["step"] for p in raw], [p["raw"] for p in raw], ".", color="0.6", ms=3,
                     label="raw weights (black: their --ema average)")
-        prev = None
-        for p in pts:  # learning-rate changes
-            if p["lr"] is not None and prev is not None and abs(p["lr"] - prev) > 1e-12:
+        prev = None  # the lr last marked: a line where it changes by a factor of 2.5 or more (a step of a
+        for p in pts:  # step schedule, a jump at a resume; a cosine gets one line per such factor)
+            if p["lr"] is not None and prev is not None and max(p["lr"], prev) >= 2.5 * min(p["lr"], prev):
                 ax.axvline(p["step"], color="tab:red", ls=":", lw=1)
                 ax.text(p["step"], ax.get_ylim()[1], f"lr {p['lr']:.0e} ", color="tab:red", fontsize=7, va="top",
                         ha="right", rotation=90)
-            prev = p["lr"] if p["lr"] is not None else prev
+                prev = p["lr"]
+            elif prev is None:
+                prev = p["lr"]
         colours = {}  # one colour, and one legend entry, per GPU model
         i = 0
         while i < len(pts):  # shade each stretch that ran on a GPU, from the step it started at
