@@ -22,7 +22,7 @@ def _val(step: int, psnr: float) -> dict:
 
 def test_plot_training_tells_gpu_steps_from_the_start_lines(tmp_path: Path) -> None:
     plot = load_benchmark_script("plot_training", "scripts")
-    _write_log(tmp_path / "sr-scratch-grid" / "log.jsonl", [
+    _write_log(tmp_path / plot.RUNS["sr-grid"][0] / "log.jsonl", [
         {"kind": "start", "step": 0, "total": 100, "message": "device cpu"},  # an old log: no "device"
         _val(10, 31.0),
         {"kind": "start", "step": 15, "total": 100, "device": "NVIDIA H100 80GB HBM3"},
@@ -33,6 +33,7 @@ def test_plot_training_tells_gpu_steps_from_the_start_lines(tmp_path: Path) -> N
     curves = plot.read_curves(tmp_path)
     assert [(p["step"], p["device"]) for p in curves["sr-grid"]] == [
         (10, "CPU"), (20, "NVIDIA H100"), (30, "NVIDIA H100"), (40, "CPU")]
+    assert "sr-photos" not in curves  # the same log's points from step 86,001 on only (validated on other images)
 
 
 def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> None:
