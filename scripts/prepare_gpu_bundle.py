@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
 RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
 #: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12)
-RESUME = {"sr": "sr-cycle2"}
+RESUME = {"sr": "sr-cycle3"}
 RUN_FILES = ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json"]
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]

@@ -3,8 +3,8 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# SR (since session 14): runs/sr-cycle2 resumed exactly, else continued from the committed weights
-# (vdsr-sr-x234, its step 86,000), else started from scratch.
+# SR (since session 14): runs/sr-cycle3 resumed exactly, else continued from the committed weights
+# (vdsr-sr-x234, its step 100,000), else started from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
 # bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
 # bundled SR weights (--transfer).
@@ -18,13 +18,14 @@ seed=0
 case $task in
   # SR since session 11: a run FROM SCRATCH on the exact grid (docs/training.md, "The full network from scratch on
   # the exact grid"): Adam 1e-4 with --ema 0.999 to step 66,000, a cosine anneal to 1e-6 at 86,000 (its last
-  # weights are the default vdsr-sr-x234 since session 14), then runs/sr-cycle2: back to 1e-4 until 90,000 and a
-  # cosine to 1e-6 at 100,000, validated on the referee's natural photos, whole (runs/referee-photos, built
-  # below; session 13 found the textures and microscopy images of the full referee rank the lr the other way).
+  # weights were the default for part of session 14), then runs/sr-cycle2: back to 1e-4 until 90,000 and a
+  # cosine to 1e-6 at 100,000 (its last weights: the default since session 14), validated on the referee's natural
+  # photos, whole (runs/referee-photos, built below; session 13 found the textures and microscopy images of the
+  # full referee rank the lr the other way); then runs/sr-cycle3: 1e-4 until 120,000, a cosine to 1e-6 at 140,000.
   sr)      name=vdsr-sr-x234;  seed=0
            [ -d runs/referee-photos/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-photos'), images=referee.PHOTOS)"
-           args=(--scales 2 3 4 --iterations 100000 --patch-size 41 --lr 1e-4 --lr-schedule cosine --lr-gamma 0.01
-                 --decay-start 90000 --ema 0.999 --val-data runs/referee-photos/x1/HR --val-prescale 1 --val-crop 1024
+           args=(--scales 2 3 4 --iterations 140000 --patch-size 41 --lr 1e-4 --lr-schedule cosine --lr-gamma 0.01
+                 --decay-start 120000 --ema 0.999 --val-data runs/referee-photos/x1/HR --val-prescale 1 --val-crop 1024
                  --val-every 1000) ;;
   # denoise / deblock since session 7: the bundled weights went on at a constant lr with the moving
   # average of the weights (--ema 0.999), which is what they export (runs/denoise-s7, runs/deblock-s7)
@@ -35,11 +36,11 @@ case $task in
   *) echo "unknown task $task" >&2; exit 2 ;;
 esac
 # The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
-# SR since session 14: runs/sr-cycle2 (11-13: runs/sr-scratch-grid, runs/sr-anneal13; 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
+# SR since session 14: runs/sr-cycle3 (then runs/sr-cycle2; 11-13: runs/sr-scratch-grid, runs/sr-anneal13; 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
 # an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
 case $task in
-  sr) candidates=(runs/sr-cycle2) ;;
+  sr) candidates=(runs/sr-cycle2 runs/sr-cycle3) ;;
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
@@ -57,7 +58,7 @@ common=(train --data "$data" --task "$task" --batch-size 32 --optimizer adam
 bundled=src/napari_vdsr/weights/$name.safetensors
 card_steps() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['training']['steps'])" "${1%.safetensors}.json"; }
 if [ "$task" = sr ]; then  # its exact resume (the recipe in its config.json), else its committed weights
-  # (vdsr-sr-x234 = step 86,000 of the same run since session 14: Adam restarts, --warmup 1000), else from scratch.
+  # (vdsr-sr-x234 = step 100,000 of the same run since session 14: Adam restarts, --warmup 1000), else from scratch.
   # A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume \
     --batch-size 32 --workers 0 --val-data runs/referee-photos/x1/HR "$@"
