@@ -123,12 +123,14 @@ def lr_segments(points: list[tuple[int, float]], end_step: int, starts: Iterable
     return segs
 
 
-def describe_legs(log_path: str | Path, end_step: int) -> Optional[dict[str, Any]]:
-    """Card entries for the run whose log is ``log_path``, up to ``end_step``; None without a log."""
-    path = Path(log_path)
-    if not path.is_file():
+def describe_legs(log: str | Path | list[dict[str, Any]], end_step: int) -> Optional[dict[str, Any]]:
+    """Card entries for a run up to ``end_step``, from its ``log.jsonl`` path or its events; None without."""
+    if isinstance(log, list):
+        events = log
+    elif Path(log).is_file():
+        events = read_log(log)
+    else:
         return None
-    events = read_log(path)
     legs, points = training_legs(events, end_step)
     if not legs:
         return None

@@ -476,6 +476,7 @@ class Trainer:
         self.best_path: Optional[Path] = None
         self.val_restart = ""  # set when a resume validates differently from its checkpoint
         self.history: list[dict[str, Any]] = []
+        self._earlier_log: list[dict[str, Any]] = []  # log.jsonl as it was when this process started
         self._prefetch: Optional[BatchPrefetcher] = None
 
     # ------------------------------------------------------------------ control
@@ -816,7 +817,7 @@ class Trainer:
         if self.out is not None:  # machine, batch and lr of each leg of a run resumed across machines
             from .runlog import describe_legs
 
-            legs = describe_legs(self.out / "log.jsonl", self.step)
+            legs = describe_legs(self._earlier_log + self.history, self.step)
             if legs:
                 card["training"].update(legs)
         card.update(self.card_extra)
@@ -854,6 +855,10 @@ class Trainer:
         t0 = time.monotonic()
         last_ck = time.monotonic()
         base_model_psnr = self._base_model_psnr() if self.is_main else None
+        if self.out and self.is_main and (self.out / "log.jsonl").is_file():  # read once: the cards add this process's events
+            from .runlog import read_log
+
+            self._earlier_log = read_log(self.out / "log.jsonl")
         start = TrainEvent("start", self.step, total, message=(
             f"{self.n_train_planes} training planes, {self.n_val_planes} validation planes, device {self.device}"
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
