@@ -42,6 +42,15 @@ def test_legs_drop_redone_steps_and_merge_machines(tmp_path: Path) -> None:
     assert early["device"] == "cpu" and early["lr_by_leg"] == {"0-100": 1e-4, "100-120": 3e-5}
 
 
+def test_the_device_line_joins_a_machine_s_touching_legs(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    more = [{"kind": "start", "step": 300, "device": "Some GPU", "batch": 32}] + _steps(300, 350, 5e-5)
+    log.write_text(log.read_text() + "".join(json.dumps(e) + "\n" for e in more))
+    legs = describe_legs(log, 350)
+    assert legs["device"] == "cpu (steps 0-200), Some GPU (steps 200-350)"  # one range, though its batch changed
+    assert legs["wall_hours_by_device"]["Some GPU"] == pytest.approx(150 / 3600, abs=6e-4)  # both GPU legs
+
+
 def test_lr_segments_of_a_warmup_then_constant() -> None:
     pts = [(10, 1e-5), (20, 2e-5), (30, 3e-5), (40, 3e-5), (50, 3e-5)]
     assert lr_segments(pts, 50) == [{"from": 0, "to": 20, "lr": "1e-05 -> 2e-05"}, {"from": 20, "to": 50, "lr": 3e-5}]

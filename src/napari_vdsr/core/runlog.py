@@ -136,17 +136,18 @@ def describe_legs(log: str | Path | list[dict[str, Any]], end_step: int) -> Opti
         return None
     starts = [int(ev["step"]) for ev in events if ev["kind"] == "start"]
 
-    def span(a: int, b: int) -> str:
-        return f"{a:,}-{b:,}"
-
-    by_device: dict[str, list[str]] = {}
+    by_device: dict[str, list[list[int]]] = {}  # step ranges per machine, touching ranges joined
     hours: dict[str, float] = {}
     for lg in legs:
-        by_device.setdefault(lg["device"], []).append(span(lg["from"], lg["to"]))
+        spans = by_device.setdefault(lg["device"], [])
+        if spans and spans[-1][1] == lg["from"]:  # the same machine on, with another batch
+            spans[-1][1] = lg["to"]
+        else:
+            spans.append([lg["from"], lg["to"]])
         hours[lg["device"]] = hours.get(lg["device"], 0.0) + lg["seconds"] / 3600.0
     out: dict[str, Any] = {
-        "device": ", ".join(f"{d} (steps {' and '.join(s)})" for d, s in by_device.items()) if len(by_device) > 1
-        else next(iter(by_device)),
+        "device": ", ".join(f"{d} (steps {' and '.join(f'{a:,}-{b:,}' for a, b in s)})" for d, s in by_device.items())
+        if len(by_device) > 1 else next(iter(by_device)),
         "wall_hours_by_device": {d: round(h, 3) for d, h in hours.items()},
         "lr_by_leg": {f"{s['from']}-{s['to']}": s["lr"] for s in lr_segments(points, end_step, starts)},
     }
