@@ -62,8 +62,11 @@ if [ "$task" = sr ]; then  # its exact resume (the recipe in its config.json), e
   # A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume \
     --batch-size 32 --workers 0 --val-data runs/referee-photos/x1/HR "$@"
-  if [ -f "$bundled" ]; then
-    exec napari-vdsr "${common[@]}" --from "$bundled" --start-step "$(card_steps "$bundled")" --warmup 1000 "$@"
+  # the cycle's resume point in the package (vdsr-sr-x234-cycle3, session 14's last checkpoint) goes before the default
+  resume_point=src/napari_vdsr/weights/vdsr-sr-x234-cycle3.safetensors
+  [ -f "$resume_point" ] || resume_point=$bundled
+  if [ -f "$resume_point" ]; then
+    exec napari-vdsr "${common[@]}" --from "$resume_point" --start-step "$(card_steps "$resume_point")" --warmup 1000 "$@"
   fi
   exec napari-vdsr "${common[@]}" "$@"
 elif [ -f "$run/checkpoint.pt" ]; then
