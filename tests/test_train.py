@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from napari_vdsr.cli import main as cli_main
 from napari_vdsr.core.data import Plane, load_planes
 from napari_vdsr.core.errors import TrainingError
 from napari_vdsr.core.model import VDSR
-from napari_vdsr.core.train import CHECKPOINT_NAME, TrainConfig, Trainer, clip_gradients, load_checkpoint, lr_at, train
+from napari_vdsr.core.train import CHECKPOINT_NAME, SGD_CLIP_THETA, TrainConfig, Trainer, clip_gradients, load_checkpoint, lr_at, train
 from napari_vdsr.core.weights import load_model
 
 torch.set_num_threads(1)
@@ -770,3 +771,29 @@ def test_poisson_gaussian_training_noise(image_dir: Path, tmp_path: Path) -> Non
                read_noise=0.02, iterations=3, val_every=3)
     events = list(train(cfg))
     assert events[-1].kind == "done"
+
+
+def test_every_recipe_field_has_a_command_line_option(tmp_path: Path) -> None:
+    """A field added to TrainConfig reaches ``train`` (and ``finetune``) without a hand mapping."""
+    from napari_vdsr.cli import _DEST_FIELD, _NOT_ON_COMMAND_LINE, _config_from_args, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    for command, own in (("train", set()), ("finetune", {"depth", "width", "transfer"})):
+        dests = {_DEST_FIELD.get(a.dest, a.dest) for a in sub.choices[command]._actions}  # noqa: SLF001
+        missing = set(TrainConfig.model_fields) - _NOT_ON_COMMAND_LINE - own - dests
+        assert not missing, f"{command}: TrainConfig fields without an option: {sorted(missing)}"
+
+    out = str(tmp_path / "run")
+    cfg = _config_from_args(parser.parse_args(
+        ["train", "--data", "a.png", "--out", out, "--optimizer", "sgd", "--read-noise", "0.03", "--no-amp",
+         "--sigma-range", "5", "9", "--clip-mode", "norm", "--val-crop", "96", "--workers", "2"]))
+    assert (cfg.lr, cfg.clip_theta, cfg.weight_decay) == (0.1, SGD_CLIP_THETA, TrainConfig().weight_decay)
+    assert (cfg.read_noise, cfg.amp, cfg.sigma_range, cfg.clip_mode, cfg.val_crop, cfg.workers, cfg.name) == (
+        0.03, False, (5.0, 9.0), "norm", 96, 2, "run")
+    cfg = _config_from_args(parser.parse_args(["train", "--data", "a.png", "--out", out, "--optimizer", "adam",
+                                               "--clip-theta", "0", "--weight-decay", "0.5", "--name", "m"]))
+    assert (cfg.lr, cfg.clip_theta, cfg.weight_decay, cfg.amp, cfg.name) == (1e-4, None, 0.0, True, "m")
+    a = parser.parse_args(["finetune", "--images", "x.tif", "--out", out])
+    cfg = _config_from_args(a, finetune=True)
+    assert (cfg.data, cfg.scales, cfg.optimizer, cfg.iterations) == (["x.tif"], [2.0], "adam", 300)

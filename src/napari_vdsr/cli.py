@@ -104,37 +104,43 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+#: TrainConfig fields that no command-line option sets (the Python API's): every other field has
+#: an option, whose destination is the field's name or the one in :data:`_DEST_FIELD`
+_NOT_ON_COMMAND_LINE = {"quantize", "val_levels"}
+
+
 def _config_from_args(a: argparse.Namespace, finetune: bool = False):
+    """The :class:`TrainConfig` of a ``train`` or ``finetune`` command line.
+
+    Every field is taken from the option of the same destination; only the defaults that follow
+    the optimiser (lr, θ, weight decay) and the fields with another name are filled in here.
+    """
     from .core.train import SGD_CLIP_THETA, TrainConfig
 
-    if a.lr is not None:
-        lr = a.lr
-    elif a.optimizer == "sgd":
-        lr = 0.1
-    else:
-        from .core.finetune import FINETUNE_DEFAULTS
+    field_dest = {f: d for d, f in _DEST_FIELD.items()}
+    kw = {}
+    for field in TrainConfig.model_fields:
+        dest = field if hasattr(a, field) else field_dest.get(field)
+        if dest is not None and hasattr(a, dest):
+            kw[field] = getattr(a, dest)
+    kw["amp"] = not a.no_amp
+    if a.lr is None:
+        if a.optimizer == "sgd":
+            kw["lr"] = 0.1
+        else:
+            from .core.finetune import FINETUNE_DEFAULTS
 
-        lr = FINETUNE_DEFAULTS["lr"] if finetune else 1e-4
-    theta = a.clip_theta if a.clip_theta is not None else (SGD_CLIP_THETA if a.optimizer == "sgd" else None)
+            kw["lr"] = FINETUNE_DEFAULTS["lr"] if finetune else 1e-4
+    if a.clip_theta is None:
+        kw["clip_theta"] = SGD_CLIP_THETA if a.optimizer == "sgd" else None
+    kw["clip_theta"] = kw["clip_theta"] or None  # 0 disables
+    if a.optimizer != "sgd":
+        kw["weight_decay"] = 0.0
+    kw["data"] = [str(x) for x in kw["data"]]
+    kw["val_data"] = [str(x) for x in kw["val_data"]]
     if finetune:
-        data = list(a.images)
-        scales = a.scale or [2.0]
-    else:
-        data, scales = list(a.data), a.scales
-    kw = dict(
-        data=[str(x) for x in data], task=a.task, scales=scales, scale_range=tuple(a.scale_range) if a.scale_range else None,
-        sigma_range=tuple(a.sigma_range), quality_range=tuple(a.quality_range), noise_model=a.noise_model,
-        photon_range=tuple(a.photon_range), read_noise=a.read_noise, iterations=a.iterations, batch_size=a.batch_size, patch_size=a.patch_size,
-        micro_batch=a.micro_batch, optimizer=a.optimizer, lr=lr, lr_schedule=a.lr_schedule, lr_step=a.lr_step, lr_gamma=a.lr_gamma, decay_start=a.decay_start,
-        warmup=a.warmup, momentum=a.momentum, weight_decay=a.weight_decay if a.optimizer == "sgd" else 0.0,
-        clip_theta=theta or None, clip_mode=a.clip_mode, ema=a.ema, seed=a.seed, device=a.device, amp=not a.no_amp, val_fraction=a.val_fraction,
-        val_data=[str(x) for x in a.val_data],
-        workers=a.workers, prescale=a.prescale, val_prescale=a.val_prescale, val_every=a.val_every, val_crop=a.val_crop, checkpoint_minutes=a.checkpoint_minutes,
-        checkpoint_every=a.checkpoint_every, out=a.out, init_from=a.init_from, start_step=a.start_step,
-        name=a.name or Path(a.out).name,
-    )
-    if not finetune:
-        kw.update(depth=a.depth, width=a.width, transfer=a.transfer)
+        kw["scales"] = kw["scales"] or [2.0]
+    kw["name"] = a.name or Path(a.out).name
     return TrainConfig(**kw)
 
 
