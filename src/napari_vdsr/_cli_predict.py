@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-amp", action="store_true", help="CUDA: compute in float32 instead of bfloat16 autocast")
     p.add_argument("--bf16", action="store_true",
-                   help="CPU: bfloat16 autocast where the CPU has it natively (AMX / AVX512-BF16): about 5x faster, "
+                   help="CPU: bfloat16 autocast where the CPU has it natively (AMX / AVX512-BF16): about 2x faster, "
                         "outputs within ~1-2 grey levels (PSNR change <= 0.01 dB measured on Set5)")
     p.add_argument("--ensemble", action="store_true",
                    help="x8 geometric self-ensemble: average the results of the 4 rotations x 2 mirror images "

@@ -187,7 +187,7 @@ class RestoreWidget(Container):
         self._precision = ComboBox(label="precision", name="precision", choices=list(PRECISIONS), value="auto")
         self._precision.tooltip = (
             "auto: bfloat16 on CUDA GPUs, float32 elsewhere. float32: exact everywhere. "
-            "bf16 (fast): also on CPUs that compute bfloat16 natively (Intel AMX / AVX512-BF16), about 3x "
+            "bf16 (fast): also on CPUs that compute bfloat16 natively (Intel AMX / AVX512-BF16), about 2x "
             "faster there; results within 1-2 grey levels (<= 0.01 dB PSNR on Set5). Where the CPU has no "
             "native bfloat16 it runs in float32."
         )
