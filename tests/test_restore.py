@@ -80,6 +80,20 @@ def test_grey_dtype_and_shape_round_trip(dtype, task):
     np.testing.assert_array_equal(img, keep)
 
 
+@pytest.mark.parametrize("dtype", ["int32", "uint32", "int64", "uint64"])
+def test_wide_integers_are_clipped_at_the_top_of_their_range_not_wrapped(dtype):
+    """The brightest pixels of 32/64-bit images stay the brightest (no overflow on the cast back)."""
+    info = np.iinfo(dtype)
+    img = np.full((16, 16), info.max // 2, dtype)
+    img[:, 8:] = info.max
+    for kw in (dict(task="sr", scale=2, model=ID), dict(task="denoise", model=offset_net(0.05))):
+        out = run(img, **kw)
+        assert out.dtype == img.dtype
+        bright = out[:, out.shape[1] // 2 + 4:]
+        assert bright.min() > info.max // 2 + info.max // 4  # wrapped values would be 0 or negative
+        assert out.min() >= info.max // 2 - info.max // 8
+
+
 @pytest.mark.parametrize(
     "shape,axes,expected",
     [

@@ -371,9 +371,18 @@ def _check_finite(p: np.ndarray, where: str) -> None:
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` as ``dtype``: integers rounded and clipped to the dtype's range.
+
+    32- and 64-bit integers are clipped in float64 against bounds that float64 holds exactly (in
+    float32, 2**31 - 1 rounds up to 2**31 and the brightest pixels would wrap around on the cast).
+    """
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+        lo, hi = float(info.min), float(info.max)
+        if int(hi) > info.max:  # 2**63 - 1 and 2**64 - 1 are not float64 numbers
+            hi = float(np.nextafter(hi, 0.0))
+        x = np.rint(np.asarray(x, dtype=np.float64 if dtype.itemsize >= 4 else np.float32))
+        return np.clip(x, lo, hi).astype(dtype)
     return x.astype(dtype, copy=False)
 
 
