@@ -289,3 +289,31 @@ def test_widget_deleted_while_training_stops_and_registers(make_napari_viewer, q
     assert w.registered_name == "orphan"
     assert (tmp_path / "orphan" / "best.safetensors").is_file()
     assert any("stopped at step" in n for n in notes), notes
+
+
+def test_unexpected_error_during_training_is_reported_and_frees_the_widget(
+        make_napari_viewer, qtbot, sr_model, tmp_path, monkeypatch, notes):
+    """superqt drops a RuntimeError raised by a generator worker without 'finished': the widget must not stick."""
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((3, 40, 40), seed=7), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=50, name="broken")
+    real = _finetune.make_finetune_trainer
+
+    def breaking(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        inner = trainer.run
+
+        def run():
+            for ev in inner():
+                yield ev
+                if ev.kind == "step" and ev.step >= 2:
+                    raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+
+        trainer.run = run
+        return trainer
+
+    monkeypatch.setattr(_finetune, "make_finetune_trainer", breaking)
+    run_and_wait(w, qtbot)
+    assert w.registered_name is None
+    assert any("RuntimeError" in n and "CUDNN_STATUS" in n and str(tmp_path) in n for n in notes), notes
+    assert w._run_btn.enabled and not w._stop_btn.enabled and w._steps.enabled

@@ -66,3 +66,23 @@ def test_residual_output_is_input_plus_body():
         torch.nn.init.zeros_(net.body[-1].weight)
         torch.nn.init.zeros_(net.body[-1].bias)
         assert torch.equal(net(x), x)
+
+
+def test_register_model_never_moves_a_name_to_another_file(tmp_path, monkeypatch) -> None:
+    from napari_vdsr.core import weights
+
+    monkeypatch.setattr(weights, "_user_models", {})
+    paths = []
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        paths.append(weights.save_model(VDSR(depth=3, width=4), tmp_path / folder / "cells.safetensors",
+                                        {"tasks": ["sr"], "scales": [2.0]}))
+    assert weights.register_model(paths[0], name="cells") == "cells"
+    assert weights.register_model(paths[0], name="cells") == "cells"  # the same file again: the same name
+    assert weights.register_model(paths[1], name="cells") == "cells-2"
+    assert weights.register_model(paths[2], name="cells") == "cells-3"
+    assert weights.resolve_model_path("cells").resolve() == paths[0].resolve()
+    assert weights.resolve_model_path("cells-2").resolve() == paths[1].resolve()
+    bundled = weights.default_model_name("sr")
+    name = weights.register_model(paths[1], name=bundled)
+    assert name != bundled and weights.resolve_model_path(bundled).parent.name == "weights"

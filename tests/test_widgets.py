@@ -352,6 +352,53 @@ def test_cancel_mid_run_leaves_no_layer_and_no_worker(make_napari_viewer, qtbot,
     assert w._run_btn.enabled and not w._cancel_btn.enabled
 
 
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: no kernel image is available"),
+                                   NotImplementedError("op not implemented for 'mps'"), TypeError("bad")])
+def test_unexpected_error_in_the_worker_is_reported_and_frees_the_widget(
+        make_napari_viewer, qtbot, tiny_model, monkeypatch, notes, error):
+    """superqt drops a RuntimeError raised by a generator worker without 'finished': the widget must not stick."""
+    viewer, img, w = grey_float32_widget(make_napari_viewer, SuperResolveWidget, tiny_model, (20, 20), 3)
+
+    def failing(*args, **kwargs):
+        yield from ()
+        raise error
+
+    monkeypatch.setattr(_restore, "restore_iter", failing)
+    run_and_wait(w, qtbot)
+    assert [layer.name for layer in viewer.layers] == ["grey"]
+    assert any(type(error).__name__ in n and "unchanged" in n for n in notes), notes
+    assert w.worker is None and w._run_btn.enabled and not w._cancel_btn.enabled
+    monkeypatch.undo()
+    run_and_wait(w, qtbot)  # and it runs again
+    assert len(viewer.layers) == 2
+
+
+def test_widget_deleted_mid_run_stops_the_job_and_adds_nothing(make_napari_viewer, qtbot, tiny_model, monkeypatch, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).integers(0, 255, size=(6, 24, 24)).astype(np.uint8), name="stack")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._extent.value = _restore.WHOLE_STACK
+    real, consumed, release = _restore.restore_iter, [], threading.Event()
+
+    def gated(*args, **kwargs):
+        for ev in real(*args, **kwargs):
+            consumed.append(ev)
+            yield ev
+            if len(consumed) == 1:
+                release.wait(10)
+
+    monkeypatch.setattr(_restore, "restore_iter", gated)
+    worker = w.run()
+    qtbot.waitUntil(lambda: len(consumed) == 1, timeout=WAIT_MS)
+    w.native.destroyed.emit()  # what Qt sends when the viewer closes with the dock
+    qtbot.waitUntil(lambda: worker.abort_requested, timeout=WAIT_MS)
+    release.set()
+    qtbot.waitUntil(lambda: not w.running, timeout=WAIT_MS)
+    assert [layer.name for layer in viewer.layers] == ["stack"]
+    assert len(consumed) <= 2 < consumed[0].total
+    assert not any("cancelled" in n for n in notes), notes  # nothing is said to a closed viewer
+
+
 def test_labels_layer_is_not_offered_and_gives_notification(make_napari_viewer, tiny_model, notes):
     viewer = make_napari_viewer()
     viewer.add_labels(np.zeros((16, 16), np.int32), name="seg")

@@ -16,6 +16,7 @@ napari-vdsr[all]``); without it the widget shows a text readout only.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -137,8 +138,18 @@ def _work(job: _Job):
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             return _Failed("the device ran out of memory; lower the batch size or the patch size, or use the CPU.")
-        raise
+        return _unexpected(exc, job)
+    except Exception as exc:  # noqa: BLE001
+        return _unexpected(exc, job)
     return None
+
+
+def _unexpected(exc: Exception, job: "_Job") -> _Failed:
+    """Any other error, as a message. It must not escape the generator: superqt drops a RuntimeError
+    (CUDA, cuDNN, MPS's NotImplementedError) without emitting ``finished``, so the widget stayed stuck."""
+    logging.getLogger(__name__).exception("napari-vdsr: fine-tuning failed")
+    return _Failed(f"training failed ({type(exc).__name__}: {exc}). The checkpoints written so far are kept in "
+                   f"{job.out}; try device 'cpu' or a smaller batch; if it persists, please report it.")
 
 
 def _slug(text: str) -> str:
@@ -595,7 +606,7 @@ class FinetuneWidget(Container):
     def _run_dir(self, name: str) -> tuple[Path, str]:
         root = Path(self._out_dir.value or DEFAULT_MODEL_DIR).expanduser()
         base, k = name, 1
-        while (root / name).exists() and any((root / name).iterdir()):
+        while (root / name).exists() and (not (root / name).is_dir() or any((root / name).iterdir())):
             k += 1
             name = f"{base}-{k}"
         return root / name, name

@@ -14,6 +14,7 @@ is translated to that plane, so it overlays the input at that slice only
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,12 @@ def _work(job: _Job):
             gen.close()
     except VDSRError as exc:
         return _Failed(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        # Anything else becomes a message too: a RuntimeError (CUDA, cuDNN, MPS's NotImplementedError)
+        # escaping the generator is dropped by superqt without ``finished``, which left the widget stuck.
+        logging.getLogger(__name__).exception("napari-vdsr: restoration failed")
+        return _Failed(f"the restoration failed ({type(exc).__name__}: {exc}); the input layer is unchanged. "
+                       "Try device 'cpu' or a smaller tile size; if it persists, please report it.")
     return _Failed("the restoration ended without a result (internal error); please report it.")
 
 
@@ -171,6 +178,7 @@ class RestoreWidget(Container):
         self._progress: Any = None
         self._job: Optional[_Job] = None
         self._cancelled = False
+        self._closed = False  # the Qt side was deleted (viewer closed): stop, add nothing
 
         self._image = create_widget(label="image", annotation="napari.layers.Image", name="image")
         self._image.tooltip = "Image layer to restore (labels, points and shapes layers are not listed)."
@@ -218,6 +226,7 @@ class RestoreWidget(Container):
         self._run_btn.changed.connect(self._on_run)
         self._cancel_btn.changed.connect(self.cancel)
         self._show_watcher = _ShowWatcher(self.native, self.refresh_models)
+        self.native.destroyed.connect(self._on_destroyed)
         _LIVE.add(self)
         self._update_state()
 
@@ -407,7 +416,8 @@ class RestoreWidget(Container):
         if self._worker is None:
             return
         self._cancelled = True
-        self._cancel_btn.enabled = False
+        if not self._closed:
+            self._cancel_btn.enabled = False
         if self._progress is not None:
             self._progress.set_description(f"{self.verb}: cancelling")
         self._worker.quit()
@@ -422,8 +432,15 @@ class RestoreWidget(Container):
             pbr.set_description(f"{self.verb} {self._job.src.name}: plane {ev.plane + 1}/{ev.n_planes}")
         pbr.update(ev.done - pbr.n)
 
+    def _on_destroyed(self, *_: Any) -> None:
+        # the viewer (or the dock) was deleted while a job ran: stop it and add nothing
+        self._closed = True
+        self.cancel()
+
     def _on_returned(self, result: Any) -> None:
         job = self._job
+        if self._closed:
+            return
         if isinstance(result, _Failed):
             self._notify("error", f"{self.verb}: {result.message}")
             return
@@ -461,6 +478,8 @@ class RestoreWidget(Container):
         return self._viewer.add_image(result, **kwargs)
 
     def _on_aborted(self) -> None:
+        if self._closed:
+            return
         name = self._job.src.name if self._job is not None else "the layer"
         self._notify("info", f"{self.verb} of {name} cancelled; no layer was added.")
 
@@ -470,8 +489,9 @@ class RestoreWidget(Container):
         self._progress = None
         self._worker = None
         self._job = None
-        self._run_btn.enabled = True
-        self._cancel_btn.enabled = False
+        if not self._closed:
+            self._run_btn.enabled = True
+            self._cancel_btn.enabled = False
 
 
 class SuperResolveWidget(RestoreWidget):

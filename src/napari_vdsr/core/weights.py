@@ -223,13 +223,19 @@ def _all_entries() -> dict[str, ModelEntry]:
 def register_model(path: str | os.PathLike, name: str | None = None) -> str:
     """Make a model file known by name for this process (e.g. right after fine-tuning).
 
-    Returns the name under which it is listed by :func:`list_models`.
+    Returns the name under which it is listed by :func:`list_models`: ``name`` (default: the
+    file's stem), or, when a bundled model or another registered file already has it,
+    ``name (folder)`` or ``name-2``, ``name-3``... A name never moves to another file.
     """
     p = resolve_model_path(path)
     read_card(p)
     name = name or p.stem
     if name in _bundled_entries():
         name = f"{name} ({p.parent.name})"
+    base, k = name, 1
+    while name in _bundled_entries() or (name in _user_models and Path(_user_models[name]).resolve() != p.resolve()):
+        k += 1
+        name = f"{base}-{k}"
     _user_models[name] = p
     return name
 
