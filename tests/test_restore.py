@@ -421,3 +421,21 @@ def test_bf16_on_cpu_only_where_native_and_close_to_float32():
     fast = restore(img, task="sr", scale=2, model=net, amp=True, device="cpu")
     assert fast.dtype == np.uint8 and fast.shape == ref.shape
     assert np.abs(fast.astype(int) - ref.astype(int)).max() <= 3
+
+
+def test_odd_arguments_get_clear_errors_or_sensible_results():
+    img = rand((12, 12), "uint8")
+    # a torch tensor is read as its values
+    np.testing.assert_array_equal(run(torch.from_numpy(img), task="sr", scale=2), run(img, task="sr", scale=2))
+    for kw, match in [
+        (dict(scale="22"), "scale must be a number"),
+        (dict(scale=True), "scale must be a number"),
+        (dict(amp="yes"), "amp must be"),
+        (dict(device=1), "device must be"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            run(img, task="sr", **{"scale": 2, **kw})
+    with pytest.raises(InputError, match="whole plane indices"):
+        run(rand((3, 12, 12), "uint8"), task="denoise", axes="ZYX", planes=[0.7])
+    with pytest.raises(ModelError, match="3 input channels"):
+        run(img, task="sr", scale=2, model=VDSR(depth=3, width=4, channels=3))

@@ -38,6 +38,8 @@ def as_scale_pair(scale: float | Sequence[float]) -> tuple[float, float]:
     ValueError
         If a factor is not a finite number in [1, 16].
     """
+    if isinstance(scale, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"scale must be a number or a (y, x) pair of numbers, got {scale!r}.")
     if isinstance(scale, (int, float, np.integer, np.floating)):
         pair = (float(scale), float(scale))
     else:

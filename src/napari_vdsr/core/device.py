@@ -13,6 +13,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` → CUDA, then MPS, then CPU; explicit names are checked for availability."""
     if isinstance(device, torch.device):
         return device
+    if device is not None and not isinstance(device, str):
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (a string), got {device!r}.")
     name = (device or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():

@@ -37,6 +37,7 @@ No Qt or napari imports.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -237,6 +238,8 @@ def _check_task(task: str) -> str:
 
 
 def _as_arraylike(image: Any):
+    if isinstance(image, torch.Tensor):  # a tensor's dtype is not a numpy dtype: hand over its values
+        return image.detach().cpu().numpy()
     if hasattr(image, "shape") and hasattr(image, "dtype") and hasattr(image, "__getitem__"):
         return image
     try:
@@ -483,6 +486,8 @@ def _prepare(
 ) -> _Job:
     """Check the arguments and load the model; ``resolve=False`` leaves the device and the net as given."""
     task = _check_task(task)
+    if amp is not None and not isinstance(amp, (bool, torch.dtype)):
+        raise InputError(f"amp must be None (auto), True, False or a torch dtype, got {amp!r}.")
     img = _as_arraylike(image)
     shape = tuple(int(s) for s in img.shape)
     from .normalize import check_dtype
@@ -509,9 +514,9 @@ def _prepare(
         todo = list(range(n_all))
     else:
         try:
-            todo = [int(p) for p in planes]
-        except (TypeError, ValueError):
-            raise InputError(f"planes must be a list of plane indices, got {planes!r}.") from None
+            todo = [operator.index(p) for p in planes]  # whole numbers only: 0.7 is not plane 0
+        except TypeError:
+            raise InputError(f"planes must be a list of whole plane indices, got {planes!r}.") from None
         bad = [p for p in todo if not 0 <= p < n_all]
         if bad or not todo:
             raise InputError(
@@ -520,6 +525,12 @@ def _prepare(
             )
 
     net, card = _resolve_model(model, task)
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is not None and first.in_channels != 1:
+        raise ModelError(
+            f"the model takes {first.in_channels} input channels; VDSR models restore one grey plane (or Y) at "
+            "a time: pass a model with 1 input channel (every bundled and trained napari-vdsr model has one)."
+        )
     if resolve:
         dev = _resolve_device(device)
         net = prepare_net(net, dev)
