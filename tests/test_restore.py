@@ -439,3 +439,10 @@ def test_odd_arguments_get_clear_errors_or_sensible_results():
         run(rand((3, 12, 12), "uint8"), task="denoise", axes="ZYX", planes=[0.7])
     with pytest.raises(ModelError, match="3 input channels"):
         run(img, task="sr", scale=2, model=VDSR(depth=3, width=4, channels=3))
+
+
+def test_float16_overshoot_stays_finite():
+    img = np.zeros((8, 8), np.float16)
+    img[:, 4:] = 65000  # bicubic overshoot at the edge goes past float16's maximum, 65504
+    out = run(img, task="sr", scale=2, model=ID)
+    assert out.dtype == np.float16 and np.isfinite(out).all() and out.max() == np.finfo(np.float16).max

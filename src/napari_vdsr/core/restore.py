@@ -27,7 +27,7 @@ uint8 data map to the network's [0, 1] by /255 (the training convention); float
 data already within [0, 1] are used as is; anything else is mapped by the min and
 max of the *whole* image, so every plane of a stack uses the same map.  Results
 are mapped back, rounded and clipped to the range of integer dtypes, and cast to
-the input dtype (float results are not clipped).  RGB: the network sees the
+the input dtype (float results are not clipped, except float16 to its finite range).  RGB: the network sees the
 luminance Y (BT.601, MATLAB convention) of the bicubic-upsampled image; chroma
 (and alpha) are bicubic only.
 
@@ -386,6 +386,9 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
             hi = float(np.nextafter(hi, 0.0))
         x = np.rint(np.asarray(x, dtype=np.float64 if dtype.itemsize >= 4 else np.float32))
         return np.clip(x, lo, hi).astype(dtype)
+    if dtype.kind == "f" and dtype.itemsize < np.dtype(np.float32).itemsize:  # float16: overshoot stays finite
+        big = float(np.finfo(dtype).max)
+        return np.clip(x, -big, big).astype(dtype)
     return x.astype(dtype, copy=False)
 
 
