@@ -446,3 +446,13 @@ def test_float16_overshoot_stays_finite():
     img[:, 4:] = 65000  # bicubic overshoot at the edge goes past float16's maximum, 65504
     out = run(img, task="sr", scale=2, model=ID)
     assert out.dtype == np.float16 and np.isfinite(out).all() and out.max() == np.finfo(np.float16).max
+
+
+def test_dask_array_of_unknown_shape_gets_a_clear_error():
+    da = pytest.importorskip("dask.array")
+    x = da.from_array(rand((12, 12), "uint8"), chunks=6)
+    unknown = x[x[:, 0] >= 0]  # boolean indexing: the number of rows is unknown
+    with pytest.raises(InputError, match="compute_chunk_sizes"):
+        run(unknown, task="denoise")
+    out = run(unknown.compute_chunk_sizes(), task="denoise")
+    assert out.shape == (12, 12)

@@ -492,6 +492,9 @@ def _prepare(
     if amp is not None and not isinstance(amp, (bool, torch.dtype)):
         raise InputError(f"amp must be None (auto), True, False or a torch dtype, got {amp!r}.")
     img = _as_arraylike(image)
+    if any(isinstance(s, float) and not math.isfinite(s) for s in img.shape):
+        raise InputError(f"the array's shape is not known yet ({img.shape}; e.g. a dask array after boolean "
+                         "indexing): call .compute_chunk_sizes() on it first.")
     shape = tuple(int(s) for s in img.shape)
     from .normalize import check_dtype
 
