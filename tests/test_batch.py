@@ -256,3 +256,65 @@ def test_lazy_sources(folder, tmp_path):
         np.testing.assert_array_equal(src.array[3:5], np.load(folder / "plane.npy")[3:5])
     with open_image(folder / "photo.png") as src:
         assert not src.lazy and src.array.shape == (18, 22, 3)
+
+
+def test_outputs_of_one_run_never_collide(tmp_path, model_file, model, capsys):
+    a, b = tmp_path / "d1", tmp_path / "d2"
+    a.mkdir(), b.mkdir()
+    imgs = [RNG.integers(0, 256, (16, 18)).astype(np.uint8) for _ in range(2)]
+    tifffile.imwrite(a / "b.tif", imgs[0])
+    tifffile.imwrite(b / "b.tif", imgs[1])
+    out = tmp_path / "out"
+    # the same name from two folders: the first is written, the second fails up front, even with --overwrite
+    rc = predict(a / "b.tif", b / "b.tif", "-o", out, "--model", model_file, "--overwrite")
+    err = capsys.readouterr().err
+    assert rc == 1 and "would be the same file as that of" in err and "1 of 2 file(s) failed, 1 written" in err
+    np.testing.assert_array_equal(tifffile.imread(out / "b_x2.tif"), ref(imgs[0], model, scale=2))
+    # a file named twice (directly and by a pattern) runs once; a pattern that matches nothing does not stop the rest
+    rc = predict(a / "b.tif", str(a / "*.tif"), str(tmp_path / "nowhere" / "*.tif"), "-o", tmp_path / "o2",
+                 "--model", model_file)
+    err = capsys.readouterr().err
+    assert rc == 1 and "no file matches this pattern" in err and "1 of 2 file(s) failed, 1 written" in err
+    assert [p.name for p in (tmp_path / "o2").iterdir()] == ["b_x2.tif"]
+    assert predict(str(tmp_path / "nowhere" / "*.tif"), "-o", tmp_path / "o3", "--model", model_file) == 2
+
+
+def test_other_series_of_a_tiff_are_named_in_a_warning(tmp_path, model_file, capsys):
+    p = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        tw.write(STACK[0, :2], metadata={"axes": "ZYX", "Name": "pos1"}, photometric="minisblack")
+        tw.write(STACK[1, :2, :10, :12], metadata={"axes": "ZYX", "Name": "pos2"}, photometric="minisblack")
+    rc = predict(p, "-o", tmp_path / "o", "--model", model_file)
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "holds 2 image series; only the first, (2, 20, 26), is restored" in err and "(2, 10, 12)" in err
+
+
+def test_png_and_jpeg_quirks(tmp_path, model_file):
+    import struct
+    import zlib
+
+    from napari_vdsr.core.errors import InputError
+    from napari_vdsr.core.io import read_image
+
+    # a 16-bit colour PNG (Pillow reads it as 8 bits): refused, not cut silently
+    arr = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000).astype(np.uint16)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 4, 16, 2, 0, 0, 0))
+                                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with pytest.raises(InputError, match="16-bit colour"):
+        read_image(tmp_path / "rgb16.png")
+    # a photo stored turned with an EXIF orientation is read as viewers show it
+    img = Image.fromarray(RNG.integers(0, 256, (24, 40)).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert read_image(tmp_path / "phone.jpg").shape == (40, 24)
+    # grey + alpha: RGBA for restoring (the alpha is kept), grey for scoring
+    Image.fromarray(RNG.integers(0, 256, (12, 14, 2)).astype(np.uint8), mode="LA").save(tmp_path / "la.png")
+    assert read_image(tmp_path / "la.png").shape == (12, 14, 4)
+    assert read_image(tmp_path / "la.png", keep_alpha=False).shape == (12, 14)

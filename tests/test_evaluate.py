@@ -246,3 +246,20 @@ def test_demo_without_bundled_model_fails_clearly(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "no bundled model" in err and "Traceback" not in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_hidden_files_are_skipped_and_grey_with_alpha_scores_as_grey(sr_dataset, tmp_path):
+    hr = sr_dataset / "x2" / "HR"
+    before = evaluate_dataset(hr, scale=2, model="bicubic", device="cpu")
+    (hr / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # what macOS leaves on shared disks
+    after = evaluate_dataset(hr, scale=2, model="bicubic", device="cpu")
+    assert after["psnr"] == before["psnr"] and len(after["per_image"]) == 3
+    grey = np.asarray(Image.open(hr / "b.png"))
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    Image.fromarray(grey).save(solo / "b.png")
+    la = tmp_path / "la"
+    la.mkdir()
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(la / "b.png")
+    as_l = evaluate_dataset(solo, scale=2, model="bicubic", device="cpu")["psnr"]
+    assert evaluate_dataset(la, scale=2, model="bicubic", device="cpu")["psnr"] == pytest.approx(as_l, abs=1e-9)

@@ -320,7 +320,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if not 1 <= a.jpeg_quality <= 100:
         raise InputError(f"--jpeg-quality must be in 1..100, got {a.jpeg_quality}.")
     device = resolve_device(a.device)
-    inputs = expand_inputs(a.inputs)
+    # each argument on its own: a pattern that matches nothing is reported, the other inputs still run
+    inputs, failed, seen, errors = [], [], set(), []
+    for item in a.inputs:
+        try:
+            found = expand_inputs([item])
+        except InputError as exc:
+            errors.append(exc)
+            failed.append(str(item))
+            continue
+        for p in found:  # the same file named twice (a file and a glob that matches it) runs once
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                inputs.append(p)
+    if not inputs:
+        raise errors[0]
+    for exc in errors:
+        print(f"napari-vdsr: error: {exc}", file=sys.stderr)
     net, card = load_model(a.model, task=a.task, device="cpu")
     model_name = Path(card.get("path", "model")).stem
     scales = card.get("scales") or []
@@ -346,7 +362,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
     def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         say(f"napari-vdsr: warning: {message}")
 
-    failed: list[str] = []
+    # two inputs must not write the same output (a.tif and a.png with --format tif; b.tif from two folders):
+    # the later ones fail up front, so --overwrite never replaces a result of this run
+    dests: dict[Path, Path] = {}
+    clash: dict[Path, str] = {}
+    for inp in inputs:
+        dest = out if single_file else out / output_name(inp, a.task, scale, a.format)
+        key = dest.resolve()
+        if key in dests.values():
+            first = next(i for i, d in dests.items() if d == key)
+            clash[inp] = (f"{inp}: its output {dest} would be the same file as that of {first}; write them to "
+                          "different -o folders, or rename one of them")
+        else:
+            dests[inp] = key
     written, mpx_total, t_start = 0, 0.0, time.perf_counter()
     tiff_log = logging.getLogger("tifffile")  # corrupt files are reported once, as errors, below
     tiff_level = tiff_log.level
@@ -357,6 +385,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
             warnings.showwarning = show_warning
             for inp in inputs:
                 dest = out if single_file else out / output_name(inp, a.task, scale, a.format)
+                if inp in clash:
+                    failed.append(str(inp))
+                    say(f"napari-vdsr: error: {clash[inp]}.")
+                    files_bar.update(1)
+                    continue
                 t0 = time.perf_counter()
                 try:
                     shape, oshape, dtype, mpx = _process(inp, dest, a, (net, card), scale, device, bar_factory,
@@ -383,7 +416,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         tiff_log.setLevel(tiff_level)
     elapsed = time.perf_counter() - t_start
     if failed:
-        print(f"napari-vdsr: {len(failed)} of {len(inputs)} file(s) failed, {written} written "
+        print(f"napari-vdsr: {len(failed)} of {len(inputs) + len(errors)} file(s) failed, {written} written "
               f"({elapsed:.1f} s); failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     if show:

@@ -110,7 +110,9 @@ def ssim(pred: np.ndarray, target: np.ndarray, shave: int = 0, peak: float = 255
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+    # hidden files (macOS's ._NAME companions on shared disks) are not images
+    return sorted(f for f in folder.iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _IMAGE_SUFFIXES)
 
 
 def find_dataset(dataset_dir: str | os.PathLike, scale: float | None = None) -> tuple[Path, Optional[Path]]:
@@ -182,7 +184,7 @@ def _to_y(img: np.ndarray) -> np.ndarray:
 def _read_2d(path: Path) -> np.ndarray:
     from .io import read_image
 
-    img = read_image(path)
+    img = read_image(path, keep_alpha=False)  # grey + alpha is grey (its own Y), not RGB
     if img.ndim == 3 and img.shape[-1] == 4:
         img = img[..., :3]
     if img.ndim == 3 and img.shape[-1] == 1:

@@ -246,8 +246,13 @@ def _open_npy(p: Path) -> Any:
 # --------------------------------------------------------------------------- whole images
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes)."""
+def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
+    """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes).
+
+    PNG / JPEG / ...: turned upright by their EXIF orientation; palette and CMYK images become RGB.
+    ``keep_alpha=False`` drops an alpha channel (grey + alpha → grey, RGBA → RGB); otherwise
+    grey + alpha becomes RGBA.  16-bit colour PNGs are refused (Pillow reads only 8 bits of them).
+    """
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".zarr" and p.is_dir():
@@ -265,9 +270,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             return np.asarray(tifffile.imread(p))
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         with Image.open(p) as im:
+            if im.mode in ("RGB", "RGBA", "LA") and any("16" in str(getattr(t, "args", "")) for t in im.tile):
+                raise InputError(
+                    f"{p}: a 16-bit colour image, which Pillow can read only as 8 bits; save it as TIFF "
+                    "(e.g. in Fiji) and restore the TIFF so that no precision is lost."
+                )
+            im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos store it turned)
+            if not keep_alpha and im.mode in ("LA", "PA", "RGBA"):
+                im = im.convert("L" if im.mode == "LA" else "RGB")
             if im.mode in ("P", "CMYK", "LA", "PA"):
                 im = im.convert("RGBA" if "A" in im.mode else "RGB")
             if im.mode == "I;16":
@@ -423,6 +436,16 @@ def _open_tiff(p: Path) -> ImageSource:
     tf = tifffile.TiffFile(p)
     try:
         series = tf.series[0]
+        if len(tf.series) > 1:  # pyramid levels are one series; these are other images (positions, labels)
+            import warnings
+
+            others = ", ".join(str(tuple(s.shape)) for s in tf.series[1:4]) + (" ..." if len(tf.series) > 4 else "")
+            warnings.warn(
+                f"{p.name} holds {len(tf.series)} image series; only the first, {tuple(series.shape)}, is restored "
+                f"and the others ({others}) are not in the output. Split the file into one file per series "
+                "(e.g. in Fiji) to restore them all.",
+                RuntimeWarning, stacklevel=2,
+            )
         meta = tiff_metadata(tf, len(series.shape))
         axes = meta.pop("axes", None)
         page = series.pages[0] if hasattr(series, "pages") else tf.pages[0]
