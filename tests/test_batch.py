@@ -318,3 +318,19 @@ def test_png_and_jpeg_quirks(tmp_path, model_file):
     Image.fromarray(RNG.integers(0, 256, (12, 14, 2)).astype(np.uint8), mode="LA").save(tmp_path / "la.png")
     assert read_image(tmp_path / "la.png").shape == (12, 14, 4)
     assert read_image(tmp_path / "la.png", keep_alpha=False).shape == (12, 14)
+
+
+def test_imagej_hyperstack_keeps_composite_mode_labels_and_info(tmp_path, model_file):
+    d = tmp_path / "in"
+    d.mkdir()
+    hyper = STACK.transpose(1, 0, 2, 3)  # Z, C, Y, X
+    labels = [f"z{z}c{c}" for z in range(3) for c in range(2)]
+    tifffile.imwrite(d / "h.tif", hyper, imagej=True,
+                     metadata={"axes": "ZCYX", "mode": "composite", "Labels": labels, "Info": "stage 3, 40x",
+                               "spacing": 1.5, "unit": "micron"})
+    assert predict(d / "h.tif", "-o", tmp_path / "o", "--model", model_file) == 0
+    with tifffile.TiffFile(tmp_path / "o" / "h_x2.tif") as tf:
+        md = tf.imagej_metadata
+        assert tf.series[0].shape == (3, 2, 40, 52)
+    assert md["mode"] == "composite" and md["Labels"] == labels and md["Info"] == "stage 3, 40x"
+    assert md["spacing"] == 1.5 and md["unit"] == "micron"

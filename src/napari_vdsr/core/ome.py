@@ -172,7 +172,9 @@ def tiff_write_options(
     order = [("TZCYXS").index(c) for c in axes]
     if ij is not None and order == sorted(order) and dtype in (np.uint8, np.uint16, np.float32):
         md = {"axes": axes}
-        for key in ("spacing", "unit", "finterval", "Ranges", "LUTs"):
+        # calibration, display (composite mode, ranges, LUTs), slice labels and notes; the planes keep their
+        # number and order, so per-plane labels still fit
+        for key in ("spacing", "unit", "finterval", "mode", "loop", "Ranges", "LUTs", "Labels", "Info", "Properties"):
             if key in ij:
                 md[key] = ij[key]
         return {"imagej": True, "metadata": md, **kw}
