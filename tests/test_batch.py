@@ -334,3 +334,16 @@ def test_imagej_hyperstack_keeps_composite_mode_labels_and_info(tmp_path, model_
         assert tf.series[0].shape == (3, 2, 40, 52)
     assert md["mode"] == "composite" and md["Labels"] == labels and md["Info"] == "stage 3, 40x"
     assert md["spacing"] == 1.5 and md["unit"] == "micron"
+
+
+def test_png_output_keeps_the_colour_profile_and_the_printed_size(tmp_path, model_file):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(RNG.integers(0, 256, (14, 16, 3)).astype(np.uint8)).save(d / "p.png", icc_profile=icc, dpi=(300, 300))
+    assert predict(d / "p.png", "-o", tmp_path / "o", "--model", model_file, "--scale", "2") == 0
+    with Image.open(tmp_path / "o" / "p_x2.png") as im:
+        assert im.size == (32, 28) and im.info.get("icc_profile") == icc
+        assert [round(v) for v in im.info["dpi"]] == [600, 600]

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .core.constants import DEFAULT_TILE
 
@@ -191,13 +191,24 @@ class _Bands:
             yield band
 
 
-def _write_in_memory(path: Path, arr, suffix: str, jpeg_quality: int) -> None:
-    """PNG / JPEG / BMP (Pillow); ``suffix`` gives the format (``path`` may end in .partial)."""
+def _write_in_memory(path: Path, arr, suffix: str, jpeg_quality: int, meta: Optional[dict] = None,
+                     scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """PNG / JPEG / BMP (Pillow); ``suffix`` gives the format (``path`` may end in .partial).
+
+    ``meta`` (a Pillow input's): its ICC colour profile is kept, its dpi multiplied by the scale
+    (the printed size stays the same).
+    """
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}[suffix]
-    kw = {"quality": int(jpeg_quality)} if fmt == "JPEG" else {}
+    kw: dict[str, Any] = {"quality": int(jpeg_quality)} if fmt == "JPEG" else {}
+    meta = meta or {}
+    if meta.get("icc_profile") and fmt in ("JPEG", "PNG"):
+        kw["icc_profile"] = meta["icc_profile"]
+    dpi = meta.get("dpi")
+    if dpi and len(dpi) == 2 and all(float(v) > 0 for v in dpi):
+        kw["dpi"] = (float(dpi[0]) * scale[1], float(dpi[1]) * scale[0])  # (x, y)
     with open(path, "wb") as f:
         Image.fromarray(arr).save(f, format=fmt, **kw)
 
@@ -270,7 +281,9 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                     result = np.empty(oshape, dtype)
                     for b in stream:
                         result[b.index] = b.data
-                    _write_in_memory(tmp, result, suffix, a.jpeg_quality)
+                    _write_in_memory(tmp, result, suffix, a.jpeg_quality,
+                                     src.meta if src.format == "pillow" else None,
+                                     scale if a.task == "sr" else (1.0, 1.0))
         finally:
             blocks.close()
     _put_in_place(tmp, dest)

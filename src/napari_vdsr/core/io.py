@@ -364,7 +364,8 @@ class ImageSource:
     meta : dict
         Physical metadata: ``"pixel_size"`` (``{"X": (value, unit), "Y": ..., "Z": ...}``),
         ``"time_increment"`` ((value, unit)), ``"channel_names"`` (list), and for TIFF
-        ``"resolution"``, ``"resolutionunit"``, ``"imagej"``, ``"ome"`` (True for OME-TIFF).
+        ``"resolution"``, ``"resolutionunit"``, ``"imagej"``, ``"ome"`` (True for OME-TIFF); for PNG / JPEG
+        ``"icc_profile"`` and ``"dpi"`` when the file has them.
     format : str
         ``"tiff"``, ``"zarr"``, ``"npy"`` or ``"pillow"``.
     """
@@ -421,7 +422,11 @@ def open_image(path: str | os.PathLike) -> ImageSource:
             if isinstance(arr, RawArray):
                 src._closers.append(arr.close)
             return src
-        return ImageSource(p, read_image(p), None, {}, "pillow")
+        from PIL import Image
+
+        with Image.open(p) as im:  # what a restored copy should keep: colour profile, print resolution
+            info = {k: im.info[k] for k in ("icc_profile", "dpi") if im.info.get(k)}
+        return ImageSource(p, read_image(p), None, info, "pillow")
     except InputError:
         raise
     except Exception as exc:
