@@ -779,7 +779,7 @@ def test_every_recipe_field_has_a_command_line_option(tmp_path: Path) -> None:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    for command, own in (("train", set()), ("finetune", {"depth", "width", "transfer"})):
+    for command, own in (("train", set()), ("finetune", {"depth", "width", "transfer", "start_step"})):
         dests = {_DEST_FIELD.get(a.dest, a.dest) for a in sub.choices[command]._actions}  # noqa: SLF001
         missing = set(TrainConfig.model_fields) - _NOT_ON_COMMAND_LINE - own - dests
         assert not missing, f"{command}: TrainConfig fields without an option: {sorted(missing)}"
@@ -797,3 +797,111 @@ def test_every_recipe_field_has_a_command_line_option(tmp_path: Path) -> None:
     a = parser.parse_args(["finetune", "--images", "x.tif", "--out", out])
     cfg = _config_from_args(a, finetune=True)
     assert (cfg.data, cfg.scales, cfg.optimizer, cfg.iterations) == (["x.tif"], [2.0], "adam", 300)
+
+
+@pytest.mark.slow
+def test_torchrun_stop_seen_by_one_process_stops_all_and_saves(image_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2", "--iterations", "100000",
+           "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+           "--val-every", "3", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = out / "log.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and '"kind": "val"' in log.read_text()):
+        time.sleep(0.2)
+    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
+             if c.environ().get("RANK") == "1" and "napari_vdsr.cli" in " ".join(c.cmdline())]
+    assert len(rank1) == 1, "rank 1 not found"
+    rank1[0].send_signal(signal.SIGINT)  # only one process is asked to stop
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    step = load_checkpoint(out)["step"]
+    assert 0 < step < 100000
+    assert (out / "last.safetensors").is_file() and (out / "best.safetensors").is_file()
+    assert json.loads((out / "last.json").read_text())["training"]["steps"] == step
+
+
+# ----------------------------------------------------------------------------- review fixes (session 15)
+def test_warmup_does_not_move_the_cosine_decay() -> None:
+    plain = TrainConfig(iterations=10_000, lr=1.0, lr_schedule="cosine", lr_gamma=0.0, start_step=5000)
+    warm = TrainConfig(**{**plain.model_dump(), "warmup": 1000})
+    assert lr_at(warm, 8000) == pytest.approx(lr_at(plain, 8000))  # after the ramp: the same schedule
+    assert lr_at(warm, 5499) == pytest.approx(lr_at(plain, 5499) * 0.5)  # in it: only multiplied
+    fresh = TrainConfig(iterations=100, lr=1.0, lr_schedule="cosine", lr_gamma=0.0, warmup=10)
+    assert lr_at(fresh, 50) == pytest.approx(0.5)
+
+
+def test_clipping_at_lr_zero_is_a_no_op_and_training_goes_on(image_dir: Path, tmp_path: Path) -> None:
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = torch.linspace(-1, 1, 10)
+    assert clip_gradients([p], theta=0.01, lr=0.0) == 0.0 and p.grad.abs().max().item() == 1.0
+    for mode in ("element", "norm"):
+        cfg = _cfg(tmp_path / mode, [str(image_dir)], optimizer="sgd", lr=0.1, lr_schedule="step", lr_step=2,
+                   lr_gamma=0.0, clip_theta=0.01, clip_mode=mode, iterations=4, val_every=100)
+        ends = [ev for ev in train(cfg) if ev.kind == "done"]
+        assert ends and ends[0].step == 4
+
+
+def test_card_of_a_scale_range_run_lists_the_range(image_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "r", [str(image_dir)], scale_range=(1.5, 2.5), iterations=2, val_every=100)
+    list(train(cfg))
+    assert json.loads((tmp_path / "r" / "last.json").read_text())["scales"] == [1.5, 2.5]
+
+
+def test_resume_of_a_finished_run_keeps_its_last_card_and_a_broken_config_is_a_clear_error(
+        image_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_dir), "--scales", "2", "--iterations", "4", "--batch-size", "2",
+            "--patch-size", "16", "--depth", "3", "--width", "4", "--val-every", "2", "--val-crop", "32",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert cli_main(args) == 0
+    before = json.loads((out / "last.json").read_text())["metrics"]["validation"]
+    assert "psnr" in before
+    assert cli_main(args + ["--resume"]) == 0
+    assert json.loads((out / "last.json").read_text())["metrics"]["validation"] == before
+    (out / "config.json").write_text("")  # e.g. a full disk, long ago
+    capsys.readouterr()
+    assert cli_main(args + ["--resume"]) == 2
+    assert "config.json cannot be read" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--out", str(tmp_path / "x"), "--iterations", "0"]) == 2
+    assert "--iterations: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_keeps_a_best_exported_after_the_checkpoint(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(out, [str(image_dir)], iterations=12, val_every=2, checkpoint_every=4)
+    for ev in train(cfg):
+        if ev.kind == "step" and ev.step == 7:
+            break  # a crash after the checkpoint at step 4 and validations at 6
+    assert load_checkpoint(out)["step"] == 4
+    card = json.loads((out / "best.json").read_text())
+    card["metrics"]["validation"]["psnr"] = 99.0  # a best no resumed step can beat
+    (out / "best.json").write_text(json.dumps(card))
+    tr = Trainer(cfg, resume=True)
+    events = list(tr.run())
+    assert tr.best == 99.0 and not any(ev.path for ev in events if ev.kind == "val")
+    assert json.loads((out / "best.json").read_text())["metrics"]["validation"]["psnr"] == 99.0
+
+
+def test_poisson_validation_has_read_noise_and_dropped_planes_are_named(tmp_path: Path) -> None:
+    from napari_vdsr.core.data import make_validation
+
+    plane = Plane("flat", np.full((64, 64), 0.5, np.float32))
+    residual = [float(np.std(make_validation([plane], "denoise", [1000.0], 64, False, "poisson", rn)[0].inp - 0.5))
+                for rn in (0.0, 0.2)]
+    assert residual[1] > 3 * residual[0]  # read noise of 0.1 on top of the shot noise of 1000 photons
+    planes = [Plane(f"p{i}", np.random.default_rng(i).random((60, 60), dtype=np.float32)) for i in range(3)]
+    planes.append(Plane("tiny", np.zeros((20, 20), np.float32)))
+    cfg = _cfg(None, [], iterations=1, val_fraction=0.0)
+    start = next(iter(Trainer(cfg, planes=planes).run()))
+    assert "1 training plane(s) smaller than one patch left out: tiny" in start.message
+    one = Trainer(_cfg(None, [], iterations=1, val_fraction=0.05), planes=planes[:1])
+    start = next(iter(one.run()))
+    assert "no validation" in start.message and "--val-data" in start.message

@@ -98,8 +98,9 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     if not finetune:
         p.add_argument("--transfer", action="store_true",
                        help="with --from: start from a model made for another task (e.g. SR weights for denoising)")
-    p.add_argument("--start-step", type=int, default=0,
-                   help="with --from: continue that run's step count and lr schedule (see docs/training.md)")
+    if not finetune:  # a fine-tune counts its own steps from 0
+        p.add_argument("--start-step", type=int, default=0,
+                       help="with --from: continue that run's step count and lr schedule (see docs/training.md)")
     p.add_argument("--name", default=None, help="model name written in its card")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -188,7 +189,13 @@ def _resume_config(cfg, a: argparse.Namespace):
     argv, parser = getattr(a, "_argv", None), getattr(a, "_parser", None)
     if not getattr(a, "resume", False) or saved_path is None or not saved_path.is_file() or argv is None or parser is None:
         return cfg
-    saved = json.loads(saved_path.read_text())
+    from .core.errors import TrainingError
+
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{saved_path} cannot be read ({exc}); restore it from a copy, or delete it to resume "
+                            "with the recipe on this command line (give every option of the run again).") from None
     given = _given_fields(parser, argv)
     new = cfg.model_dump(mode="json")
     merged, changed = dict(new), []
@@ -310,6 +317,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except VDSRError as exc:
         print(f"napari-vdsr: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic's ValidationError of a TrainConfig: out-of-range option values
+        errors = getattr(exc, "errors", None)
+        if not callable(errors):
+            raise
+        bad = "; ".join((f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: " if e.get("loc") else "")
+                        + str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
+        print(f"napari-vdsr: error: invalid option value ({bad}).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("napari-vdsr: interrupted", file=sys.stderr)

@@ -236,9 +236,14 @@ class ValidationItem:
 
 
 def make_validation(
-    planes: list[Plane], task: str, levels: Sequence[float], crop: int = 192, quantize: bool = True, noise_model: str = "gaussian"
+    planes: list[Plane], task: str, levels: Sequence[float], crop: int = 192, quantize: bool = True,
+    noise_model: str = "gaussian", read_noise: float = 0.0,
 ) -> list[ValidationItem]:
-    """Deterministic validation pairs: a centre crop of each plane degraded at each level."""
+    """Deterministic validation pairs: a centre crop of each plane degraded at each level.
+
+    Poisson noise (``noise_model="poisson"``) gets Gaussian read noise of half ``read_noise``, the
+    middle of what training draws (uniform up to ``read_noise``).
+    """
     items: list[ValidationItem] = []
     for i, p in enumerate(planes):
         h, w = p.data.shape
@@ -258,7 +263,8 @@ def make_validation(
             if min(hr_l.shape) < 2 * shave + 8:
                 continue
             t = "denoise-pg" if (task == "denoise" and noise_model == "poisson") else task
-            inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize)
+            rn = read_noise / 2 if t == "denoise-pg" else 0.0
+            inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize, read_noise=rn)
             items.append(ValidationItem(p.name, float(lev), inp, np.ascontiguousarray(hr_l), shave))
     return items
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -271,7 +272,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         lr = base
     elif cfg.lr_schedule == "cosine":
-        s0 = max(cfg.warmup, cfg.decay_start)
+        s0 = cfg.decay_start
         t = min(1.0, max(0.0, (step - s0) / max(1, cfg.iterations - s0)))
         lr = base * (cfg.lr_gamma + (1 - cfg.lr_gamma) * 0.5 * (1 + math.cos(math.pi * t)))
     else:
@@ -335,6 +336,8 @@ def clip_gradients(params, theta: float, lr: float, count: bool = True) -> float
     weight by more than ``θ``.  Returns the fraction of elements that were clipped
     (``count=False`` skips that count, and its host synchronisation, in the training loop).
     """
+    if lr <= 0:  # the step moves nothing (e.g. a step schedule with lr_gamma 0): nothing to clip
+        return 0.0
     bound = theta / lr
     clipped = total = 0
     for p in params:
@@ -346,6 +349,21 @@ def clip_gradients(params, theta: float, lr: float, count: bool = True) -> float
             total += g.numel()
         g.clamp_(-bound, bound)
     return clipped / max(1, total)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` so that a crash or a full disk leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -475,6 +493,7 @@ class Trainer:
         self.out = Path(config.out) if config.out else None
         self.best_path: Optional[Path] = None
         self.val_restart = ""  # set when a resume validates differently from its checkpoint
+        self.data_notes: list[str] = []  # images left out of training or validation, for the start message
         self.history: list[dict[str, Any]] = []
         self._earlier_log: list[dict[str, Any]] = []  # log.jsonl as it was when this process started
         self._prefetch: Optional[BatchPrefetcher] = None
@@ -497,6 +516,7 @@ class Trainer:
             dev = resolve_device(cfg.device)
             backend = "nccl" if dev.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend=backend)
+            self._owns_process_group = True
         dev = resolve_device(cfg.device)
         if dev.type == "cuda" and self.distributed:
             dev = torch.device("cuda", local)
@@ -538,10 +558,21 @@ class Trainer:
                 quantize=cfg.quantize, noise_model=cfg.noise_model, read_noise=cfg.read_noise,
             )
             self.val_items = (
-                make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model)
+                make_validation(val_planes, cfg.task, cfg.validation_levels(), cfg.val_crop, cfg.quantize, cfg.noise_model,
+                                cfg.read_noise)
                 if val_planes else []
             )
             self.n_train_planes, self.n_val_planes = len(self.sampler.planes), len(val_planes)
+            kept = {id(p) for p in self.sampler.planes}
+            small = [p.name for p in train_planes if id(p) not in kept]
+            if small:
+                self.data_notes.append(
+                    f"{len(small)} training plane(s) smaller than one patch left out: {', '.join(small[:5])}"
+                    + (" ..." if len(small) > 5 else ""))
+            if val_planes and not self.val_items:
+                self.data_notes.append(
+                    "no validation: the held-out planes are too small for a validation pair; raise the validation "
+                    "fraction or give separate validation images (--val-data)")
         self.val_fingerprint = validation_fingerprint(self.val_items)
         if cfg.workers:
             # started before the model touches the GPU: the forked workers only run NumPy
@@ -613,6 +644,7 @@ class Trainer:
             self.step = int(ck["step"])
             self.best = float(ck.get("best", -math.inf))
             self._restart_best_if_validation_changed(ck)
+            self._best_exported_after_checkpoint()
             self.compute_seconds = float(ck.get("compute_seconds", 0.0))
             if ck.get("base_state") is not None:
                 self.base_state = ck["base_state"]
@@ -658,6 +690,40 @@ class Trainer:
                     old.replace(self.out / f"best-before-{self.step}.{ext}")
             if (self.out / f"best-before-{self.step}.safetensors").exists():
                 self.val_restart += f"; the earlier best is kept as best-before-{self.step}.safetensors"
+
+    def _stop_agreed(self, every: int) -> bool:
+        """Stop now? With several processes (torchrun) all stop at the same step, whichever was asked.
+
+        A stop seen by one process alone (its Ctrl-C or SIGTERM) would leave the others waiting in
+        a collective for a peer that has gone; so the flag is shared (max over the processes)
+        every ``every`` steps, at the same steps in every process.
+        """
+        if not self.distributed:
+            return self._stop.is_set()
+        if self.step % every:
+            return False
+        flag = torch.tensor([1.0 if self._stop.is_set() else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            self._stop.set()
+            return True
+        return False
+
+    def _best_exported_after_checkpoint(self) -> None:
+        """After a crash, best.* may hold a validation better than the checkpoint knows (exported later).
+
+        Its score becomes the best to beat, so that a resumed run never replaces it with worse
+        weights.  Not when the validation changed (then best.* has been set aside).
+        """
+        if self.val_restart or not (self.out and (self.out / "best.json").is_file()):
+            return
+        try:
+            val = json.loads((self.out / "best.json").read_text()).get("metrics", {}).get("validation", {})
+            step, psnr = int(val.get("step", -1)), float(val.get("psnr", -math.inf))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        if step > self.step and psnr > self.best:
+            self.best = psnr
 
     def _ema_decay(self) -> float:
         """Decay of the next update: ``ema``, lower for the first updates so that a random start fades fast."""
@@ -730,7 +796,7 @@ class Trainer:
             with torch.no_grad():
                 for p in params:
                     p.grad.add_(p, alpha=cfg.weight_decay)
-        if cfg.clip_theta:
+        if cfg.clip_theta and lr > 0:
             if cfg.clip_mode == "norm":
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_theta / lr)
             else:
@@ -799,7 +865,7 @@ class Trainer:
         card = {
             "name": cfg.name,
             "tasks": [cfg.task],
-            "scales": cfg.scales if cfg.task == "sr" else None,
+            "scales": (list(cfg.scale_range) if cfg.scale_range else cfg.scales) if cfg.task == "sr" else None,
             "training": {
                 "recipe": json.loads(cfg.model_dump_json(exclude={"out", "device"})),
                 "steps": self.step,
@@ -847,6 +913,12 @@ class Trainer:
             if self._prefetch is not None:
                 self._prefetch.close()
                 self._prefetch = None
+            if getattr(self, "_owns_process_group", False) and torch.distributed.is_initialized():
+                # a process leaving with its group (or DDP's reducer) alive may abort at exit
+                self.net = self.model
+                gc.collect()
+                torch.distributed.destroy_process_group()
+                self._owns_process_group = False
 
     def _run(self) -> Iterator[TrainEvent]:
         cfg = self.config
@@ -864,17 +936,19 @@ class Trainer:
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
                if self.step else "")
             + (f"; {self.val_restart}" if self.val_restart else "")
+            + "".join(f"; {note}" for note in self.data_notes)
         ), val_base_model_psnr=base_model_psnr, device=device_name(self.device), batch=cfg.batch_size)
         self._log(start)
         yield start
         if self.out and self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+            _atomic_write_text(cfg.model_dump_json(indent=2) + "\n", self.out / "config.json")
         last_metrics: dict[str, Any] = {}
+        first_step = self.step
         every = loss_read_every(self.device)
         pending: list[tuple[int, torch.Tensor]] = []
         while self.step < total:
-            if self._stop.is_set():
+            if self._stop_agreed(every):
                 break
             ts = time.monotonic()
             pending.append((self.step + 1, self._train_step(self.step)))
@@ -927,7 +1001,10 @@ class Trainer:
             elif self.best_path is None:
                 vp, bp, per = self._validate()
                 self.best_path = self._export("best", {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step})
-            self._export("last", last_metrics or {"step": self.step})
+            if self.step > first_step or not (self.out / "last.safetensors").exists():  # a finished run resumed keeps its card
+                self._export("last", last_metrics or {"step": self.step})
+        if self.distributed:  # the others wait while the main process checkpoints and exports
+            torch.distributed.barrier()
         kind = "stopped" if self.step < total else "done"
         end = TrainEvent(kind, self.step, total, best_psnr=self.best if math.isfinite(self.best) else None,
                          elapsed=time.monotonic() - t0, path=str(self.best_path) if self.best_path else (str(p) if p else None),
