@@ -715,13 +715,18 @@ def test_resume_does_not_need_the_file_the_run_started_from(image_dir: Path, tmp
 
 
 # ----------------------------------------------------------------------------- torchrun
+def _torchrun_train(image_dir: Path, out: Path, iterations: int) -> list[str]:
+    """A tiny two-process CPU training command (gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2", "--iterations", str(iterations),
+            "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
+            "--val-every", "3", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2", "--iterations", "6",
-           "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
-           "--val-every", "3", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+    cmd = _torchrun_train(image_dir, out, iterations=6)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -806,10 +811,7 @@ def test_torchrun_stop_seen_by_one_process_stops_all_and_saves(image_dir: Path, 
 
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2", "--iterations", "100000",
-           "--batch-size", "4", "--patch-size", "16", "--depth", "3", "--width", "8", "--optimizer", "adam",
-           "--val-every", "3", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
+    cmd = _torchrun_train(image_dir, out, iterations=100000)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     log = out / "log.jsonl"
