@@ -86,3 +86,20 @@ def test_register_model_never_moves_a_name_to_another_file(tmp_path, monkeypatch
     bundled = weights.default_model_name("sr")
     name = weights.register_model(paths[1], name=bundled)
     assert name != bundled and weights.resolve_model_path(bundled).parent.name == "weights"
+
+
+def test_card_of_an_interrupted_export_comes_from_the_weights(tmp_path) -> None:
+    import json
+
+    from napari_vdsr.core import weights
+
+    p = weights.save_model(VDSR(depth=3, width=4), tmp_path / "m.safetensors",
+                           {"tasks": ["sr"], "training": {"steps": 200}, "metrics": {"validation": {"psnr": 30.0}}})
+    side = p.with_suffix(".json")
+    card = json.loads(side.read_text())
+    card["metrics"]["benchmarks"] = {"Set5": 1.0}  # numbers added to the sidecar later are read
+    side.write_text(json.dumps(card))
+    assert weights.read_card(p)["metrics"]["benchmarks"] == {"Set5": 1.0}
+    card["training"]["steps"] = 100  # the sidecar of an earlier export: the weights' own card wins
+    side.write_text(json.dumps(card))
+    assert weights.read_card(p)["training"]["steps"] == 200

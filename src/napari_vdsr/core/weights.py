@@ -123,14 +123,27 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
-    """Read the model card of a safetensors model file (sidecar JSON, else embedded metadata)."""
+    """Read the model card of a safetensors model file (sidecar JSON, else embedded metadata).
+
+    The sidecar wins (it may hold numbers added later), unless it describes another training
+    step than the card embedded in the weights: an export interrupted between its two files
+    leaves new weights beside the old sidecar, and then the embedded card is the true one.
+    """
     path = Path(path)
     side = path.with_suffix(".json")
     if side.is_file():
         try:
-            return json.loads(side.read_text())
+            card = json.loads(side.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelError(f"the model card {side} is not valid JSON ({exc}); restore or delete it.") from None
+        embedded = _read_metadata(path).get(_META_KEY) if path.is_file() else None
+        if embedded:
+            inner = json.loads(embedded)
+            steps = [c.get("training", {}).get("steps") if isinstance(c.get("training"), dict) else None
+                     for c in (card, inner)]
+            if None not in steps and steps[0] != steps[1]:
+                return inner
+        return card
     meta = _read_metadata(path)
     if _META_KEY not in meta:
         raise ModelError(f"{path} has no napari-vdsr model card (no {side.name} and no embedded card).")
