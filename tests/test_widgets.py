@@ -264,6 +264,34 @@ def test_stack_current_plane_is_placed_at_that_plane(make_napari_viewer, qtbot, 
     assert np.array_equal(full.data[2], out.data[0])
 
 
+def test_current_plane_is_the_one_napari_shows_or_a_clear_refusal(make_napari_viewer, qtbot, tiny_model, notes):
+    viewer = make_napari_viewer()
+    stack = _stack_with_dot(np.uint8)
+    # the layer in micrometres beside one in nanometres: napari converts, plane 2 sits at 2000 nm
+    layer = viewer.add_image(stack, name="stack", units=("um", "um", "um"))
+    # a 4-D layer whose Z reaches further: the slider can stand past the 3-D layer's last plane
+    other = viewer.add_image(np.zeros((2, 12, 16, 16), np.uint8), name="4d", scale=(1.0, 1000.0, 1000.0, 1000.0),
+                             units=("nm", "nm", "nm", "nm"))
+    viewer.layers.selection.active = layer
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._image.value = layer
+    w._extent.value = _restore.CURRENT_PLANE
+    viewer.dims.set_point(1, 2000.0)
+    assert layer._data_slice.point[0] == pytest.approx(2.0)  # what napari shows of it
+    run_and_wait(w, qtbot)
+    assert viewer.layers[-1].metadata["napari_vdsr"]["plane"] == [2]
+    n_layers = len(viewer.layers)
+
+    viewer.dims.order = (0, 2, 1, 3)  # a stack axis of "stack" on screen
+    assert w.run() is None and len(viewer.layers) == n_layers
+    assert any("displays a stack axis" in n for n in notes), notes
+    viewer.dims.order = (0, 1, 2, 3)
+    viewer.dims.set_point(1, 9000.0)  # past the last plane (3 um) of "stack"
+    assert w.run() is None and len(viewer.layers) == n_layers
+    assert any("outside the planes of 'stack'" in n for n in notes), notes
+    assert other.data.shape == (2, 12, 16, 16)
+
+
 def test_stack_whole(make_napari_viewer, qtbot, tiny_model):
     viewer = make_napari_viewer()
     stack = _stack_with_dot()

@@ -1,4 +1,4 @@
-"""Sample images for the napari ``File > Open Sample > napari-vdsr`` menu.
+"""Sample images for the napari ``File > Open Sample > VDSR restoration`` menu.
 
 Every sample comes from images bundled inside scikit-image (no download).
 The degraded variants are made with :mod:`napari_vdsr.core.degrade`, the same

@@ -325,11 +325,39 @@ class RestoreWidget(Container):
         except (VDSRError, ValueError) as exc:
             self._info.value = str(exc)[:80]
 
-    def _current_plane(self, layer: Any, src: LayerSnapshot) -> tuple[int, ...]:
-        """Index over the layer's leading axes at the viewer's current position."""
-        pos = np.asarray(layer.world_to_data(self._viewer.dims.point), dtype=float)
+    def _current_plane(self, layer: Any, src: LayerSnapshot) -> Optional[tuple[int, ...]]:
+        """Index over the layer's leading axes of the plane the viewer shows now.
+
+        None, with a notification, when the view shows no single Y/X plane of the layer: a stack
+        axis is displayed (transposed dims order, 3-D view), or the sliders stand outside the
+        layer's planes (napari then shows nothing of it).
+        """
+        dims = self._viewer.dims
         lead = src.lead_shape
-        return tuple(int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(pos[: len(lead)], lead))
+        offset = dims.ndim - layer.ndim  # layer axis i is world axis i + offset
+        if any(i + offset in set(dims.displayed) for i in range(len(lead))):
+            self._notify(
+                "warning",
+                f"{self.verb}: 'current plane' restores one Y/X plane, but the viewer now displays a stack axis of "
+                f"{layer.name!r} (a transposed dims order or the 3-D view). Reset the dims order or switch to 2-D, "
+                "or choose 'whole stack'.",
+            )
+            return None
+        point = None
+        data_slice = getattr(layer, "_data_slice", None)  # the plane napari itself shows (units and transforms applied)
+        if layer.visible and data_slice is not None and getattr(data_slice, "point", None) is not None:
+            point = np.asarray(data_slice.point, dtype=float)[: len(lead)]
+        if point is None or not np.all(np.isfinite(point)):
+            point = np.asarray(layer.world_to_data(dims.point), dtype=float)[: len(lead)]
+        idx = tuple(int(np.round(p)) for p in point)
+        if any(not 0 <= i < n for i, n in zip(idx, lead)):
+            self._notify(
+                "warning",
+                f"{self.verb}: the viewer's sliders stand outside the planes of {layer.name!r} (plane {idx} of "
+                f"{tuple(lead)}), so no plane of it is shown. Move the sliders onto the layer, or choose 'whole stack'.",
+            )
+            return None
+        return idx
 
     # ------------------------------------------------------------------ running
 
@@ -346,7 +374,7 @@ class RestoreWidget(Container):
             what = "no image layer is selected" if layer is None else f"layer {layer.name!r} is not an image layer"
             self._notify(
                 "warning",
-                f"{self.verb}: {what}. Open an image (File > Open or File > Open Sample > napari-vdsr) and pick "
+                f"{self.verb}: {what}. Open an image (File > Open or File > Open Sample > VDSR restoration) and pick "
                 "it in 'image'; labels, points and shapes layers cannot be restored.",
             )
             return None
@@ -361,6 +389,8 @@ class RestoreWidget(Container):
         plane = None
         if src.ndim > 2 and self._extent.value == CURRENT_PLANE:
             plane = self._current_plane(layer, src)
+            if plane is None:
+                return None
         job = _Job(
             src=src, data=data, task=self.task, scale=self._scale(), model=model, model_label=model_label,
             axes=axes, tile=int(self._tile.value), device=str(self._device.value), plane=plane, hint=self._hint(),
