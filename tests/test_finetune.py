@@ -106,3 +106,51 @@ def test_cli_finetune_wrong_task_base(tiny_base: Path, stack: np.ndarray, tmp_pa
                    "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2
     assert "not JPEG artifact removal" in capsys.readouterr().err
+
+
+def test_pairs_are_mapped_as_restore_maps_the_degraded_image() -> None:
+    from napari_vdsr.core.data import planes_from_pair
+    from napari_vdsr.core.degrade import upscale
+    from napari_vdsr.core.normalize import intensity_range
+
+    rng = np.random.default_rng(0)
+    clean = (1000 + rng.random((2, 48, 48)) * 2000).astype(np.uint16)
+    noisy = np.clip(clean + rng.normal(0, 300, clean.shape), 0, 65535).astype(np.uint16)
+    inten = intensity_range(noisy)  # what restore(noisy) maps the network's input with
+    (d, c), _ = planes_from_pair(noisy, clean, task="denoise")
+    np.testing.assert_allclose(d.data, inten.to_net(noisy[0]), atol=1e-6)
+    np.testing.assert_allclose(c.data, inten.to_net(clean[0]), atol=1e-6)
+    # SR: the low-resolution image is enlarged by the scale exactly as restore() does; a clean image
+    # one pixel larger is cropped; a pair of another factor than the one fine-tuned is refused
+    lr = clean[:, ::2, ::2][:, :24, :24]
+    taller = np.pad(clean, ((0, 0), (0, 1), (0, 0)), "edge")  # 49 rows
+    (d, c), _ = planes_from_pair(lr, taller, task="sr", scales=[2.0])
+    assert d.data.shape == c.data.shape == (48, 48)
+    np.testing.assert_allclose(d.data, upscale(intensity_range(lr).to_net(lr[0]), 2.0), atol=1e-6)
+    with pytest.raises(TrainingError, match="not x2"):
+        planes_from_pair(clean[:, :16, :16], clean, task="sr", scales=[2.0])  # x3
+    with pytest.raises(TrainingError, match="not x2"):
+        planes_from_pair(clean[:, :24, :48], clean, task="sr", scales=[2.0])  # x2 / x1
+    assert len(planes_from_pair(clean[:, :16, :16], clean, task="sr", scales=[2.0, 3.0])) == 2
+    bad = noisy.astype(np.float32)
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(TrainingError, match="NaN"):
+        planes_from_pair(bad, clean, task="denoise")
+    # RGB pairs give their luminance, as the network restores it
+    rgb = rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    (d, c), = planes_from_pair(rgb, rgb, task="denoise")
+    assert d.data.shape == (40, 40) and np.array_equal(d.data, c.data)
+
+
+def test_rgba_alpha_does_not_squeeze_the_colours() -> None:
+    from napari_vdsr.core.restore import restore
+
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((24, 24, 3)) * 4000).astype(np.uint16)
+    rgba = np.concatenate([rgb, np.full((24, 24, 1), 65535, np.uint16)], -1)
+    torch.manual_seed(0)
+    net = VDSR(depth=3, width=4)
+    a = restore(rgba, task="denoise", model=net, device="cpu", tile=16)
+    b = restore(rgb, task="denoise", model=net, device="cpu", tile=16)
+    np.testing.assert_array_equal(a[..., :3], b)  # the colours are restored as without the alpha
+    assert (a[..., 3] == 65535).all()

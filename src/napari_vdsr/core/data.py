@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -269,38 +269,76 @@ def make_validation(
     return items
 
 
-def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", name: str = "pair") -> list[tuple[Plane, Plane]]:
+def _enlarge_as_restore_does(d: np.ndarray, c: np.ndarray, scales: Optional[Sequence[float]], name: str):
+    """Low-resolution planes ``d`` enlarged by the SR scale the pair's sizes show, as restore() enlarges.
+
+    restore() makes ``round(h * s)`` rows of ``h`` (:func:`scaled_shape`); the clean planes may differ
+    from that by a pixel (they are then cropped to the common size). A pair whose sizes give another
+    factor than ``scales``, or two different factors, is refused: training on a geometry that
+    restoring never uses would teach the network a wrong shift and stretch.
+    """
+    from .degrade import scaled_shape, upscale
+
+    h, w = d.shape[-2:]
+    ratio = (c.shape[-2] / h, c.shape[-1] / w)
+    options = sorted({float(s) for s in scales} if scales else {round(ratio[0] * 4) / 4})
+    fits = [s for s in options if all(abs(n - m) <= 1 for n, m in zip(scaled_shape((h, w), s), c.shape[-2:]))]
+    if not fits:
+        raise TrainingError(
+            f"{name}: the low-resolution image ({h}x{w}) and the clean image ({c.shape[-2]}x{c.shape[-1]}) "
+            f"are x{ratio[0]:.3g} / x{ratio[1]:.3g} apart, not x{' / x'.join(f'{s:g}' for s in options)} "
+            f"as fine-tuned; give the SR scale of the pair, or a low-resolution image of exactly 1/scale the size."
+        )
+    s = fits[0]
+    big = upscale(d, s)
+    hh, ww = min(big.shape[-2], c.shape[-2]), min(big.shape[-1], c.shape[-1])
+    return np.ascontiguousarray(big[..., :hh, :ww]), np.ascontiguousarray(c[..., :hh, :ww])
+
+
+def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", name: str = "pair",
+                     scales: Optional[Sequence[float]] = None, rgb: Optional[bool] = None) -> list[tuple[Plane, Plane]]:
     """Turn a registered (degraded, clean) pair of images or stacks into aligned [0, 1] plane pairs.
 
-    Both use the intensity map of the clean image.  For super-resolution the degraded
-    image may be the low-resolution one: it is then enlarged with bicubic
-    interpolation to the clean size (the network's input).  Any other shape
-    mismatch raises :class:`TrainingError`.
+    Both use the intensity map of the degraded image, the one :func:`~napari_vdsr.core.restore.restore`
+    will use on it; RGB(A) pairs (``rgb``, by default a last axis of 3 or 4 in both) give their
+    luminance Y, which is what the network restores.  For super-resolution the degraded image may
+    be the low-resolution one: it is then enlarged by the scale of ``scales`` its size shows
+    (bicubic, as restoring does; the clean image cropped to the common size by at most a pixel).
+    Any other shape mismatch raises :class:`TrainingError`.
     """
-    from .degrade import resize
+    from .color import rgb_to_y
     from .normalize import check_dtype, intensity_range
 
     deg, cln = np.asarray(degraded), np.asarray(clean)
     check_dtype(deg.dtype)
     check_dtype(cln.dtype)
-    if deg.ndim != cln.ndim or deg.shape[:-2] != cln.shape[:-2]:
+    if deg.dtype.kind == "f" and not np.all(np.isfinite(deg)):
+        raise TrainingError(f"{name}: the degraded image contains NaN or infinite values; clean it first.")
+    if rgb is None:
+        rgb = (deg.ndim >= 3 and cln.ndim == deg.ndim and deg.shape[-1] in (3, 4) and cln.shape[-1] == deg.shape[-1]
+               and deg.shape[-2] > 4)
+    # the map restore() will use: that of the image being restored, the degraded one (RGB: its colours)
+    inten = intensity_range(deg[..., :3] if rgb else deg)
+    if rgb:
+        d = rgb_to_y(inten.to_net(deg[..., :3]) * 255.0) / 255.0
+        c = rgb_to_y(inten.to_net(cln[..., :3]) * 255.0) / 255.0
+    else:
+        d, c = inten.to_net(deg), inten.to_net(cln)
+    if d.ndim != c.ndim or d.shape[:-2] != c.shape[:-2]:
         raise TrainingError(
             f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} do not match; "
             "give a registered pair with the same planes (and the same size, or for super-resolution "
             "a low-resolution image that is an exact fraction of the clean one)."
         )
-    if deg.shape[-2:] != cln.shape[-2:]:
-        ry, rx = cln.shape[-2] / deg.shape[-2], cln.shape[-1] / deg.shape[-1]
-        if task != "sr" or ry < 1 or rx < 1:
+    if d.shape[-2:] != c.shape[-2:]:
+        if task != "sr" or c.shape[-2] < d.shape[-2] or c.shape[-1] < d.shape[-1]:
             raise TrainingError(
                 f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} differ in size; "
                 "for denoising and JPEG artifact removal both must have the same shape."
             )
-    inten = intensity_range(cln)
-    d = inten.to_net(deg).reshape((-1,) + deg.shape[-2:])
-    c = inten.to_net(cln).reshape((-1,) + cln.shape[-2:])
-    if d.shape[-2:] != c.shape[-2:]:
-        d = resize(d, c.shape[-2:])
+        d, c = _enlarge_as_restore_does(d, c, scales, name)
+    d = d.astype(np.float32).reshape((-1,) + d.shape[-2:])
+    c = c.astype(np.float32).reshape((-1,) + c.shape[-2:])
     return [
         (Plane(f"{name}[{i}]", np.ascontiguousarray(d[i])), Plane(f"{name}[{i}]", np.ascontiguousarray(c[i])))
         for i in range(len(c))

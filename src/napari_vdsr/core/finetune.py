@@ -62,7 +62,7 @@ def make_finetune_trainer(
     if pairs:
         pl: list[tuple[Plane, Plane]] = []
         for i, (d, c) in enumerate(pairs):
-            pl.extend(planes_from_pair(np.asarray(d), np.asarray(c), task=task, name=f"pair{i}"))
+            pl.extend(planes_from_pair(np.asarray(d), np.asarray(c), task=task, name=f"pair{i}", scales=scales))
         return Trainer(cfg, pairs=pl, card_extra=extra)
     planes: list[Plane] = []
     is_path = [isinstance(x, str) or hasattr(x, "__fspath__") for x in images]

@@ -555,19 +555,29 @@ def _prepare(
 
 
 def _intensity(job: _Job):
-    """Intensity map over the whole image (numpy/dask: one reduction; other array-likes: streamed slabs)."""
+    """Intensity map over the whole image (numpy/dask: one reduction; other array-likes: streamed slabs).
+
+    The alpha of an RGBA image is left out: an opaque alpha at the dtype's top would squeeze the
+    colours into a sliver of the network's range (and training maps RGB(A) images by their colours).
+    """
     from .normalize import Intensity, intensity_range
 
     img, dtype = job.img, job.dtype
     if dtype == np.uint8:
         return Intensity(0.0, 255.0)
+    alpha = job.is_rgb and job.n_samples == 4
     if _in_memory(img) or _is_dask(img):
+        if alpha:
+            s = job.ax.index("S")
+            img = img[(slice(None),) * s + (slice(0, 3),)]
         return intensity_range(img, dtype)
     lo, hi = math.inf, -math.inf
     for k in range(job.n_all):
         reader = _PlaneReader(img, job.index_of(k), job.ax, job.to_canon)
         for i0, i1 in reader.row_slabs(dtype.itemsize, job.n_samples):
             p = reader.region(i0, i1, 0, reader.width)
+            if alpha:
+                p = p[..., :3]
             _check_finite(p, "the image")
             lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
     return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
