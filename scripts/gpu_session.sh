@@ -73,6 +73,10 @@ declare -A extra=(
 )
 train_seconds=$(( TOTAL_SECONDS - SECONDS - STOP_MARGIN ))
 echo "training for $train_seconds s" | tee -a "$OUT/gpu.txt"
+if [ "$train_seconds" -lt 30 ]; then  # timeout 0 would mean no limit at all
+  echo "only $train_seconds s left for training: raise TOTAL_SECONDS or skip the tests/benchmarks" | tee -a "$OUT/gpu.txt"
+  exit 3
+fi
 pids=()
 # launch TASK OPTIONS...: one training run in the background, stopped (SIGINT: it checkpoints) at the deadline
 launch() {
@@ -118,5 +122,8 @@ for t in $TASKS; do
   grep '"kind": "val"' "$RUNS/$t/log.jsonl" 2>/dev/null | tail -2 | cut -c1-300
   tail -3 "$RUNS/$t/train.log"
   tar -cf "$OUT/$t.tar" --exclude="last.*" -C "$RUNS/$t" .
+  # the run's last weights beside the tar (inside it they would pass the size limit of what comes back):
+  # copy them over runs/<run>/last.* too, or the run folder keeps the CPU's older last weights
+  for f in "$RUNS/$t"/last.safetensors "$RUNS/$t"/last.json; do [ -f "$f" ] && cp "$f" "$OUT/$t-$(basename "$f")"; done
 done
 ls -la "$OUT"

@@ -40,7 +40,7 @@ esac
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
 # an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
 case $task in
-  sr) candidates=(runs/sr-cycle2 runs/sr-cycle3) ;;
+  sr) candidates=(runs/sr-cycle3) ;;  # only the active cycle: a finished run (sr-cycle2) resumed would train nothing
   denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
   deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
 esac
@@ -61,7 +61,7 @@ if [ "$task" = sr ]; then  # its exact resume (the recipe in its config.json), e
   # (vdsr-sr-x234 = step 100,000 of the same run since session 14: Adam restarts, --warmup 1000), else from scratch.
   # A run resumed from a GPU checkpoint gets the CPU's batch and this machine's paths back.
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --data "$data" --out "$run" --device cpu --resume \
-    --batch-size 32 --workers 0 --val-data runs/referee-photos/x1/HR "$@"
+    --batch-size 32 --workers 0 --val-every 1000 --val-data runs/referee-photos/x1/HR "$@"
   # the cycle's resume point in the package (vdsr-sr-x234-cycle3, session 14's last checkpoint) goes before the default
   resume_point=src/napari_vdsr/weights/vdsr-sr-x234-cycle3.safetensors
   [ -f "$resume_point" ] || resume_point=$bundled

@@ -907,3 +907,18 @@ def test_poisson_validation_has_read_noise_and_dropped_planes_are_named(tmp_path
     one = Trainer(_cfg(None, [], iterations=1, val_fraction=0.05), planes=planes[:1])
     start = next(iter(one.run()))
     assert "no validation" in start.message and "--val-data" in start.message
+
+
+def test_resume_with_nothing_to_do_keeps_the_checkpoint_and_refreshes_a_stale_last(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(out, [str(image_dir)], iterations=4, val_every=2)
+    list(train(cfg))
+    ck = out / CHECKPOINT_NAME
+    before = (ck.stat().st_mtime_ns, ck.read_bytes())
+    card = json.loads((out / "last.json").read_text())
+    card["training"]["steps"] = 2  # the last weights of an older leg (e.g. a GPU leg finished the run elsewhere)
+    (out / "last.json").write_text(json.dumps(card))
+    list(Trainer(cfg, resume=True).run())
+    assert (ck.stat().st_mtime_ns, ck.read_bytes()) == before  # a finished run does not look newer
+    assert json.loads((out / "last.json").read_text())["training"]["steps"] == 4
+    list(train(_cfg(None, [str(image_dir)], iterations=1)))  # and without a run folder

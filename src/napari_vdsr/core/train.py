@@ -691,6 +691,13 @@ class Trainer:
             if (self.out / f"best-before-{self.step}.safetensors").exists():
                 self.val_restart += f"; the earlier best is kept as best-before-{self.step}.safetensors"
 
+    def _last_export_step(self) -> Optional[int]:
+        """Training step of the run's last.* export (None: none, or unreadable)."""
+        try:
+            return int(json.loads((self.out / "last.json").read_text())["training"]["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _stop_agreed(self, every: int) -> bool:
         """Stop now? With several processes (torchrun) all stop at the same step, whichever was asked.
 
@@ -990,9 +997,11 @@ class Trainer:
                 cev = TrainEvent("checkpoint", self.step, total, elapsed=time.monotonic() - t0, path=str(p) if p else None)
                 self._log(cev)
                 yield cev
-        # end of run (finished or stopped): checkpoint and export
+        # end of run (finished or stopped): checkpoint and export; a resume that ran no step leaves the
+        # checkpoint as it was (rewriting it would make a finished run look like the newest one)
         self._read_losses(pending)
-        p = self._checkpoint()
+        kept = self.out / CHECKPOINT_NAME if self.out and self.is_main else None
+        p = self._checkpoint() if self.step > first_step or kept is None or not kept.exists() else kept
         if self.out and self.is_main:
             if not self.val_items:
                 self.best_path = self._export("best", {"step": self.step, "note": "no validation data"})
@@ -1001,7 +1010,7 @@ class Trainer:
             elif self.best_path is None:
                 vp, bp, per = self._validate()
                 self.best_path = self._export("best", {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step})
-            if self.step > first_step or not (self.out / "last.safetensors").exists():  # a finished run resumed keeps its card
+            if self.step > first_step or self._last_export_step() != self.step:  # a finished run resumed keeps its card
                 self._export("last", last_metrics or {"step": self.step})
         if self.distributed:  # the others wait while the main process checkpoints and exports
             torch.distributed.barrier()
