@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--benchmarks", default=None, help="JSON with benchmark metrics to store in the card")
     ap.add_argument("--note", default="")
     ap.add_argument("--compute-note", default="", help="e.g. 'CPU, 2 cores (this project's dev machine)'")
+    ap.add_argument("--batch-by-leg", default=None, metavar="JSON",
+                    help='batch of each leg, e.g. \'{"0-29441": 32, "29441-55324": 64, "55324-140000": 32}\', for runs '
+                         "whose early log lines lack the batch (before session 14)")
     a = ap.parse_args()
     model, card = load_model(a.run)
     card.pop("path", None)
@@ -42,6 +45,10 @@ def main() -> None:
     if legs:  # machine, batch and lr by leg, from the run's log (a card exported by an older engine lacks them)
         tr.update(legs)
         print("legs from the log: " + json.dumps(legs))
+    if a.batch_by_leg:
+        tr["batch_by_leg"] = json.loads(a.batch_by_leg)
+    elif "batch_by_leg" not in tr:
+        print("warning: the log does not give the batch of every leg; pass --batch-by-leg to record it")
     val_data = tr.get("recipe", {}).get("val_data")
     if val_data:  # --val-data: every training image trains, validation on separate images
         card["training_data"] = (f"SunHays80 (80 natural RGB images, luminance), all {tr.get('train_planes', 80)} train; "

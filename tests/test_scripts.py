@@ -86,3 +86,9 @@ def test_bundle_model_takes_the_legs_from_the_run_log(tmp_path: Path, monkeypatc
     assert out["training"]["batch_by_leg"] == {"0-4": 2, "4-6": 4}
     assert out["training"]["lr_by_leg"] == {"0-4": 1e-3, "4-6": 1e-4}
     assert out["default_for"] == ["sr"] and out["training"]["steps"] == 6
+    # legs whose batch the log does not know are given on the command line
+    monkeypatch.setattr("sys.argv", ["bundle_model.py", str(run / "last.safetensors"), "--name", "tiny",
+                                     "--batch-by-leg", '{"0-4": 64, "4-6": 4}'])
+    bundle.main()
+    _, out = load_model(str(tmp_path / "weights" / "tiny.safetensors"))
+    assert out["training"]["batch_by_leg"] == {"0-4": 64, "4-6": 4} and out["default_for"] == []
