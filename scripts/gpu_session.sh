@@ -66,7 +66,8 @@ step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['me
 common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
 declare -A extra=(
-  [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-2} --lr-step ${SR_LR_STEP:-30000} --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
+  # SR without a run to resume (no runs/sr-cycle3): the third cycle's recipe from its resume point in .gpu/init
+  [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-1} --lr-schedule cosine --lr-gamma 0.01 --iterations 140000 --decay-start 120000 --ema 0.999 --warmup 1000 --val-data $G/referee --val-prescale 1 --val-crop 1024 --val-every 1000 --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
   [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
   [srpaper]="--task sr --scales 2 3 4 --patch-size 41 --prescale 2 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-theta ${PAPER_THETA:-0.0001} --lr-schedule step --lr-step 2490 --lr-gamma 0.1 --iterations 9960 --val-data $G/referee --val-prescale 1 --workers ${SR_WORKERS:-7} --name vdsr-sr-x234"
   [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"

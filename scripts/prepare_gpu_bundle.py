@@ -12,8 +12,10 @@
   session 12), without its ``last.*`` exports; that task then gets no ``init/`` weights.
 * ``referee/``: the images the resumed SR run validates on (the folder its ``config.json``
   names in ``val_data``, e.g. ``runs/referee-photos/x1/HR`` since session 14), else the
-  referee photos ``runs/referee-val/x1/HR``; a run validated on ``--val-data`` validates on
-  them there (the same pairs: its best score goes on).
+  referee photos ``runs/referee-photos/x1/HR`` (built when missing); a run validated on
+  ``--val-data`` validates on them there (the same pairs: its best score goes on).  Without
+  a run to resume, SR starts from the cycle's resume point in the package
+  (``vdsr-sr-x234-cycle3``) when there is one, and gpu_session.sh goes on with its recipe.
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
@@ -38,6 +40,9 @@ RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
 RESUME = {"sr": "sr-cycle3"}
 RUN_FILES = ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json"]
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
+#: a cycle's resume point in the package goes before the default (SR without runs/sr-cycle3: its
+#: EMA weights at the last checkpoint a session committed; gpu_session.sh continues the cycle's recipe)
+RESUME_POINT = {"sr": "vdsr-sr-x234-cycle3"}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 
 
@@ -71,7 +76,7 @@ def validation_folder(run: Path, runs: Path) -> Path:
         p = Path(v) if Path(v).is_absolute() else ROOT / v
         if p.is_dir():
             return p
-    return runs / "referee-val" / "x1" / "HR"
+    return runs / "referee-photos" / "x1" / "HR"
 
 
 def main(argv=None) -> int:
@@ -85,7 +90,12 @@ def main(argv=None) -> int:
     print(f"train/: {luminance_pngs(Path(a.data), out / 'train')} images")
     (out / "init").mkdir(parents=True, exist_ok=True)
     resumed = set()
-    referee = Path(a.runs) / "referee-val" / "x1" / "HR"
+    referee = Path(a.runs) / "referee-photos" / "x1" / "HR"  # what the SR cycles validate on
+    if not referee.is_dir():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import referee as referee_mod
+
+        referee_mod.build(Path(a.runs) / "referee-photos", images=referee_mod.PHOTOS)
     for task, run in RESUME.items():
         folder = Path(a.runs) / run
         if not (folder / "checkpoint.pt").exists():
@@ -110,7 +120,9 @@ def main(argv=None) -> int:
                 f.unlink()
             continue
         best = Path(a.runs) / run / "best.safetensors" if run else None
-        src = best if best is not None and best.exists() else ROOT / "src" / "napari_vdsr" / "weights" / f"{BUNDLED[task]}.safetensors"
+        weights = ROOT / "src" / "napari_vdsr" / "weights"
+        point = weights / f"{RESUME_POINT.get(task, BUNDLED[task])}.safetensors"
+        src = best if best is not None and best.exists() else point if point.exists() else weights / f"{BUNDLED[task]}.safetensors"
         shutil.copy2(src, out / "init" / f"{task}.safetensors")
         shutil.copy2(src.with_suffix(".json"), out / "init" / f"{task}.json")
         print(f"init/{task}: {src}")

@@ -47,8 +47,8 @@ def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> 
     run.mkdir(parents=True)
     for name in ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json", "last.safetensors"]:
         (run / name).write_text(name)
-    (runs / "referee-val" / "x1" / "HR").mkdir(parents=True)
-    (runs / "referee-val" / "x1" / "HR" / "photo.png").write_text("png")
+    (runs / "referee-photos" / "x1" / "HR").mkdir(parents=True)
+    (runs / "referee-photos" / "x1" / "HR" / "photo.png").write_text("png")
     out = tmp_path / "gpu"
     (out / "init").mkdir(parents=True)
     (out / "init" / "sr.safetensors").write_text("stale")  # from an earlier bundle
@@ -66,6 +66,13 @@ def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> 
     assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
     assert sorted(p.name for p in (out / "referee").iterdir()) == ["astronaut.png"]
     assert (out / "init" / "denoise.safetensors").exists() and (out / "init" / "deblock.json").exists()
+    # without the run, SR starts from the cycle's resume point in the package, when it is there
+    (run / "checkpoint.pt").unlink()
+    assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
+    weights = Path(prep.ROOT) / "src" / "napari_vdsr" / "weights"
+    point = weights / f"{prep.RESUME_POINT['sr']}.json"
+    want = json.loads((point if point.exists() else weights / f"{prep.BUNDLED['sr']}.json").read_text())
+    assert json.loads((out / "init" / "sr.json").read_text()) == want
 
 
 def test_bundle_model_takes_the_legs_from_the_run_log(tmp_path: Path, monkeypatch) -> None:
