@@ -317,3 +317,45 @@ def test_unexpected_error_during_training_is_reported_and_frees_the_widget(
     assert w.registered_name is None
     assert any("RuntimeError" in n and "CUDNN_STATUS" in n and str(tmp_path) in n for n in notes), notes
     assert w._run_btn.enabled and not w._stop_btn.enabled and w._steps.enabled
+
+
+def test_settings_are_taken_as_given_or_refused_clearly(make_napari_viewer, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40), seed=8), name="Zellen-ü")
+    w = make_widget(viewer, sr_model, tmp_path, name="")
+    w._theta.value = 4e-5  # the paper's θ range reaches far below 1e-3
+    assert w._theta.value == pytest.approx(4e-5)
+    job = w._make_job()
+    assert job.overrides["clip_theta"] == pytest.approx(4e-5)
+    assert job.name == "Zellen-ü-sr-finetuned" and job.out == tmp_path / "Zellen-ü-sr-finetuned"  # letters of any script kept
+    w._out_dir.line_edit.value = ""  # an empty 'save to' is the default folder, not the working directory
+    assert w._make_job().out.parent == _finetune.DEFAULT_MODEL_DIR.expanduser()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    w._out_dir.value = str(blocker / "sub")  # a folder that cannot be made
+    assert w._make_job() is None and any("cannot be written to" in n for n in notes), notes
+
+
+def test_a_pair_takes_one_sr_scale(make_napari_viewer, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    clean = synthetic_cells((1, 48, 48), seed=9)[0]
+    viewer.add_image(clean[::2, ::2], name="low")
+    viewer.add_image(clean, name="high")
+    w = make_widget(viewer, sr_model, tmp_path)
+    w._mode.value = _finetune.PAIRED
+    w._degraded.value, w._clean.value = viewer.layers["low"], viewer.layers["high"]
+    w._scales.value = "2, 3"
+    assert w._make_job() is None and any("one SR scale" in n for n in notes), notes
+    w._scales.value = "2"
+    assert w._make_job().scales == [2.0]
+
+
+def test_renaming_a_selected_layer_keeps_it_selected(make_napari_viewer, sr_model, tmp_path):
+    viewer = make_napari_viewer()
+    a = viewer.add_image(synthetic_cells((1, 40, 40), seed=1), name="a")
+    b = viewer.add_image(synthetic_cells((1, 40, 40), seed=2), name="b")
+    w = make_widget(viewer, sr_model, tmp_path)
+    w._images.value = [a, b]
+    a.name = "renamed"
+    w.reset_choices()  # what napari does when a layer changes
+    assert {layer.name for layer in w._images.value} == {"renamed", "b"}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def _unexpected(exc: Exception, job: "_Job") -> _Failed:
 
 
 def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")
+    s = re.sub(r"[^\w.-]+", "-", text).strip("-._")  # \w: letters of any script, digits, _
     return s[:48] or "model"
 
 
@@ -328,8 +329,8 @@ class FinetuneWidget(Container):
             "adam: robust default for fine-tuning. sgd: the paper's recipe (momentum 0.9) — use it with θ clipping. "
             "Switching sets the suggested learning rate and θ unless you changed them."
         )
-        self._theta = FloatSpinBox(label="clipping θ", name="theta", min=0.0, max=10.0, step=0.001, value=0.0)
-        self._theta.native.setDecimals(4)
+        self._theta = FloatSpinBox(label="clipping θ", name="theta", min=0.0, max=10.0, step=0.0001, value=0.0)
+        self._theta.native.setDecimals(6)  # θ down to 1e-6 (4 decimals turned 4e-5 into "off")
         self._theta.native.setSpecialValueText("off")
         self._theta.tooltip = THETA_TOOLTIP
         self._val_fraction = FloatSpinBox(label="validation fraction", name="val_fraction", min=0.0, max=0.9,
@@ -402,6 +403,17 @@ class FinetuneWidget(Container):
         self._update_state()
 
     # ------------------------------------------------------------------ choices
+
+    def reset_choices(self, *args: Any) -> None:
+        """Refresh the layer lists (napari calls this when layers change) and keep the selected layers.
+
+        A renamed layer changes its label in the list; without this it dropped out of the selection.
+        """
+        keep = list(self._images.value or [])
+        super().reset_choices(*args)
+        still = [layer for layer in keep if any(layer is c for c in self._images.choices)]
+        if still and list(self._images.value or []) != still:
+            self._images.value = still
 
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Image
@@ -604,7 +616,16 @@ class FinetuneWidget(Container):
         return [_layer_array(lyr) for lyr in layers], None, layers[0].name
 
     def _run_dir(self, name: str) -> tuple[Path, str]:
-        root = Path(self._out_dir.value or DEFAULT_MODEL_DIR).expanduser()
+        # an empty field means the default folder (magicgui's value turns "" into the working directory)
+        text = str(self._out_dir.line_edit.value or "").strip()
+        root = Path(text or DEFAULT_MODEL_DIR).expanduser()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as exc:
+            raise TrainingError(f"the folder {root} cannot be written to ({exc.strerror or exc}); choose another "
+                                "'save to' folder.") from None
         base, k = name, 1
         while (root / name).exists() and (not (root / name).is_dir() or any((root / name).iterdir())):
             k += 1
@@ -616,6 +637,11 @@ class FinetuneWidget(Container):
         try:
             images, pairs, first = self._layers()
             scales = self._parse_scales() if task == "sr" else [2.0]
+            if pairs is not None and task == "sr" and len(scales) > 1:
+                raise TrainingError(
+                    f"a degraded + clean pair has one SR scale, its own; write that factor alone in 'SR scale(s)' "
+                    f"(got {', '.join(f'{s:g}' for s in scales)})."
+                )
             lr = self._parse_lr()
             base_model, base_label = self._base_spec(task)
             theta = float(self._theta.value)
@@ -720,7 +746,8 @@ class FinetuneWidget(Container):
             c.base_model_psnr = ev.val_base_model_psnr
             self._progress.max = max(1, c.total)
             self._progress.value = int(ev.step)
-            self._status.value = ev.message
+            if not (self._job is not None and self._job.stop.is_set()):  # Stop pressed while preparing: say so still
+                self._status.value = ev.message
             if ev.val_base_model_psnr is not None:
                 self._readout.value = f"base model {self._job.base_label}: held-out PSNR {ev.val_base_model_psnr:.2f} dB"
             self._redraw(force=True)
