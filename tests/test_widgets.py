@@ -484,9 +484,12 @@ def test_registered_model_appears_and_runs(make_napari_viewer, qtbot, tiny_model
     w = SuperResolveWidget(viewer)
     viewer.window.add_dock_widget(w)
     assert "tiny-finetuned" not in w._model.choices
+    w._model.value = _restore.DEFAULT
     name = weights.register_model(tiny_model, name="tiny-finetuned")
     refresh_model_choices()
     assert name in w._model.choices
+    assert list(w._model.choices)[-1] == _restore.FROM_FILE  # listed before "file…", as the choices say
+    assert w._model.value == _restore.DEFAULT  # the selection stays
     w._model.value = name
     run_and_wait(w, qtbot)
     assert viewer.layers[-1].metadata["napari_vdsr"]["model"] == name

@@ -45,7 +45,7 @@ from ..core.errors import TrainingError, VDSRError
 from ..core.finetune import FINETUNE_DEFAULTS, make_finetune_trainer
 from ..core.train import SGD_CLIP_THETA
 from ..core.weights import TASK_LABELS, TASKS, default_model_name, list_models, read_card, register_model, resolve_model_path
-from ._restore import DEFAULT, DEVICES, FROM_FILE, refresh_model_choices
+from ._restore import DEFAULT, DEVICES, FROM_FILE, refresh_model_choices, reset_choices_in_order
 
 if TYPE_CHECKING:
     import napari
@@ -848,7 +848,7 @@ class FinetuneWidget(Container):
         self.model_path = path
         refresh_model_choices()
         if not self._closed:
-            self._base.reset_choices()
+            reset_choices_in_order(self._base)
         gain = self._psnr_text(end.best_psnr, prefix="best held-out PSNR ")
         verb = "finished" if end.kind == "done" else f"stopped at step {end.step}/{end.total}"
         self._show(status=f"{verb}; model '{name}' registered", readout=gain)

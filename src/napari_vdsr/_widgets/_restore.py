@@ -144,6 +144,22 @@ def _work(job: _Job):
     return _Failed("the restoration ended without a result (internal error); please report it.")
 
 
+def reset_choices_in_order(combo: Any) -> None:
+    """``combo.reset_choices()`` with the items in the order its choices function gives.
+
+    Qt's list keeps the old items and appends new ones, so a model registered later landed after
+    "file…"; the list is rebuilt instead, and the selection kept when it is still there.
+    """
+    value = combo.value
+    with combo.changed.blocked():
+        combo.native.clear()
+        combo.reset_choices()
+    if value in list(combo.choices) and combo.value != value:
+        combo.value = value
+    elif combo.value != value:
+        combo.changed.emit(combo.value)
+
+
 class _ShowWatcher:
     """Calls ``callback`` whenever a Qt widget is shown (so choices are fresh when the dock opens)."""
 
@@ -263,7 +279,7 @@ class RestoreWidget(Container):
 
     def refresh_models(self) -> None:
         """Re-read bundled and registered models for the model list (keeps the selection if still there)."""
-        self._model.reset_choices()
+        reset_choices_in_order(self._model)
 
     def _model_spec(self) -> tuple[Optional[str], str]:
         """(model argument for the core, label for names and metadata); raises VDSRError when unusable."""
