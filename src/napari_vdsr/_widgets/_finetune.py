@@ -247,6 +247,8 @@ class _Plot:
                                       edgecolor=self.bg)
             for t in leg.get_texts():
                 t.set_color(self.fg)
+        elif self.ax_psnr.get_legend() is not None:  # a new run without validation: nothing to label
+            self.ax_psnr.get_legend().remove()
         self.canvas.draw_idle()
 
 
