@@ -359,3 +359,13 @@ def test_renaming_a_selected_layer_keeps_it_selected(make_napari_viewer, sr_mode
     a.name = "renamed"
     w.reset_choices()  # what napari does when a layer changes
     assert {layer.name for layer in w._images.value} == {"renamed", "b"}
+
+
+def test_plot_of_a_run_without_validation_has_no_stale_legend(make_napari_viewer):
+    pytest.importorskip("matplotlib")
+    plot = _finetune._Plot()
+    plot.update(_finetune.Curves(total=10, step=[1, 2], loss=[0.1, 0.05], val_step=[2], val_psnr=[30.0],
+                                 baseline_psnr=29.0), "bicubic")
+    assert plot.ax_psnr.get_legend() is not None
+    plot.update(_finetune.Curves(total=10, step=[1], loss=[0.1]), "bicubic")  # the next run: no validation
+    assert plot.ax_psnr.get_legend() is None
