@@ -922,3 +922,15 @@ def test_resume_with_nothing_to_do_keeps_the_checkpoint_and_refreshes_a_stale_la
     assert (ck.stat().st_mtime_ns, ck.read_bytes()) == before  # a finished run does not look newer
     assert json.loads((out / "last.json").read_text())["training"]["steps"] == 4
     list(train(_cfg(None, [str(image_dir)], iterations=1)))  # and without a run folder
+
+
+def test_validation_at_a_non_integer_scale_shrinks_by_exactly_that_scale() -> None:
+    from napari_vdsr.core.data import _sr_fit, make_validation
+
+    plane = Plane("p", np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    for lev in (1.5, 2.5, 3.5):
+        size, n = _sr_fit(48, lev)
+        assert size <= 48 and size == n * lev  # a whole number of low-resolution pixels
+        item = make_validation([plane], "sr", [lev], 48)[0]
+        assert item.target.shape == item.inp.shape == (size, size)
+    assert make_validation([plane], "sr", [2.0], 48)[0].target.shape == (48, 48)  # integer scales as before

@@ -235,6 +235,14 @@ class ValidationItem:
     shave: int
 
 
+def _sr_fit(size: int, scale: float) -> tuple[int, int]:
+    """The largest crop of at most ``size`` pixels (and its low-resolution size) that ``scale`` shrinks to
+    a whole number of pixels, of ``SR_GRID_TRIES + 1`` candidates the one closest to it (cf. :func:`sr_crop`)."""
+    n0 = max(1, int(size // scale))
+    n = min(range(n0, max(0, n0 - SR_GRID_TRIES - 1), -1), key=lambda k: (abs(k * scale - round(k * scale)), -k))
+    return min(size, int(round(n * scale))), n
+
+
 def make_validation(
     planes: list[Plane], task: str, levels: Sequence[float], crop: int = 192, quantize: bool = True,
     noise_model: str = "gaussian", read_noise: float = 0.0,
@@ -251,12 +259,14 @@ def make_validation(
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         hr = p.data[y0 : y0 + ch, x0 : x0 + cw]
         for j, lev in enumerate(levels):
+            lr_size = None
             if task == "sr":
                 s = int(math.ceil(lev))
                 if lev == int(lev):
                     hr_l = hr[: hr.shape[0] - hr.shape[0] % s, : hr.shape[1] - hr.shape[1] % s]
-                else:
-                    hr_l = hr
+                else:  # as training crops (sr_crop): a whole number of low-resolution pixels, shrunk by lev itself
+                    (sy, ny), (sx, nx) = (_sr_fit(n, lev) for n in hr.shape)
+                    hr_l, lr_size = hr[:sy, :sx], (ny, nx)
                 shave = s
             else:
                 hr_l, shave = hr, 0
@@ -264,7 +274,8 @@ def make_validation(
                 continue
             t = "denoise-pg" if (task == "denoise" and noise_model == "poisson") else task
             rn = read_noise / 2 if t == "denoise-pg" else 0.0
-            inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize, read_noise=rn)
+            inp = degrade_plane(hr_l, t, lev, seed=np.random.default_rng([17, i, j]), quantize=quantize, read_noise=rn,
+                                lr_size=lr_size)
             items.append(ValidationItem(p.name, float(lev), inp, np.ascontiguousarray(hr_l), shave))
     return items
 
