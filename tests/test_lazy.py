@@ -439,3 +439,19 @@ def test_cuda_uses_bf16_autocast_unless_disabled():
     with torch.inference_mode():
         ref = NET(torch.from_numpy(x)[None, None])[0, 0].numpy()
     np.testing.assert_allclose(forward_crop(NET, x, "cpu"), ref, atol=1e-6, rtol=0)
+
+
+def test_lazy_results_of_models_that_differ_outside_their_weights_are_not_merged():
+    import dask
+
+    torch.manual_seed(0)
+    a = VDSR(depth=3, width=4)
+    torch.manual_seed(0)
+    b = VDSR(depth=3, width=4, residual=False)  # the same weights, another computation
+    img = RNG.random((20, 20)).astype(np.float32)
+    x = da.from_array(img, chunks=10)
+    la, lb = (restore(x, task="sr", scale=2, model=m, device="cpu", tile=16) for m in (a, b))
+    assert la.name != lb.name
+    ra, rb = dask.compute(la, lb)
+    np.testing.assert_array_equal(rb, restore(img, task="sr", scale=2, model=b, device="cpu", tile=16))
+    assert np.abs(ra - rb).max() > 0.01

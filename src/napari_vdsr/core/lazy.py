@@ -185,7 +185,15 @@ def _restore_block(block: np.ndarray, block_info: Optional[dict] = None, *, spec
 
 
 def _net_digest(net: torch.nn.Module) -> str:
-    h = hashlib.sha1(type(net).__name__.encode())
+    """Names the computation: the class (module and name), its settings outside the weights
+    (``VDSR.config``: residual or not) and the weights; equal digests must compute the same."""
+    cls = type(net)
+    h = hashlib.sha1(f"{cls.__module__}.{cls.__qualname__}".encode())
+    config = getattr(net, "config", None)  # VDSR: a property
+    if callable(config):
+        config = config()
+    if isinstance(config, dict):
+        h.update(repr(sorted(config.items())).encode())
     for k, v in net.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())

@@ -784,8 +784,8 @@ def restore_blocks(
     """Restore ``image`` block by block, without ever holding the whole result.
 
     Same parameters as :func:`restore`, plus ``block``.  The output planes are cut into
-    blocks of whole tiles, at most ``block`` x ``block`` px (default: ``tile``, one tile
-    per block; see :func:`block_grid`), plane after plane, row-major inside a plane.
+    blocks of whole tiles, at most ``max(block, tile)`` px a side (default: ``tile``, one
+    tile per block; see :func:`block_grid`), plane after plane, row-major inside a plane.
     Each block is computed from the matching
     region of the input plus margins, so reading is lazy for array-likes that are not
     in memory (zarr, :class:`~napari_vdsr.core.io.RawArray`, ...) and memory is bounded
@@ -930,8 +930,9 @@ def restore(
         E.g. a :class:`threading.Event`; when set, work stops within one tile and
         :class:`~napari_vdsr.core.errors.Cancelled` is raised (not used for lazy results).
     amp : bool, optional
-        Autocast on CUDA: ``None``/``True`` = bfloat16 (default), ``False`` = float32.
-        Other devices always compute in float32.
+        ``None`` (default): bfloat16 autocast on CUDA, float32 elsewhere. ``True``: bfloat16
+        also on CPUs that compute it natively (AMX / AVX512-BF16; about 2x faster, results within
+        1-2 grey levels), float32 on other CPUs. ``False``: float32 everywhere.
     ensemble : bool
         Geometric self-ensemble: average the network's results over the 8 rotations and
         mirror images of every tile (:func:`~napari_vdsr.core.tiling.ensemble_net`).
