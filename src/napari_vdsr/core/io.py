@@ -273,7 +273,8 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
         from PIL import Image, ImageOps
 
         with Image.open(p) as im:
-            if im.mode in ("RGB", "RGBA", "LA") and any("16" in str(getattr(t, "args", "")) for t in im.tile):
+            if im.format == "PNG" and im.mode in ("RGB", "RGBA", "LA") and any(
+                    ";16" in str(getattr(t, "args", "")) for t in im.tile):  # raw modes RGB;16B, RGBA;16B, LA;16B
                 raise InputError(
                     f"{p}: a 16-bit colour image, which Pillow can read only as 8 bits; save it as TIFF "
                     "(e.g. in Fiji) and restore the TIFF so that no precision is lost."
