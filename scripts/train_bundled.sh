@@ -3,8 +3,8 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# SR (since session 14): runs/sr-cycle3 resumed exactly, else continued from the committed weights
-# (vdsr-sr-x234, its step 100,000), else started from scratch.
+# SR (since session 14): runs/sr-cycle3 resumed exactly, else continued from the cycle's resume point in
+# the package (vdsr-sr-x234-cycle3, with --warmup 1000), else from the default vdsr-sr-x234, else from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
 # bundled weights (--from ... --start-step <steps in its card>; Adam moments restart) → the
 # bundled SR weights (--transfer).

@@ -64,9 +64,10 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
                         "norm to θ/lr instead, as PyTorch re-implementations of VDSR do (with this loss, sgd lr 0.1: "
                         "θ 0.004 stayed stable, 0.04 and 0.4 diverged; docs/training.md)")
     p.add_argument("--warmup", type=int, default=0, metavar="N",
-                   help="raise the lr linearly over the first N steps of this run (counted from --start-step); "
-                        "with --from and adam, e.g. 1000, so the fresh optimiser does not knock trained weights "
-                        "off their optimum")
+                   help="raise the lr linearly over the first N steps of this run" + ("" if finetune else
+                        " (counted from --start-step)") + "; it only scales the schedule (the decay starts at "
+                        "--decay-start). With --from and adam, e.g. 1000, so the fresh optimiser does not knock "
+                        "trained weights off their optimum")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate, keep and export an exponential moving average of the weights (decay per step, "
                         "e.g. 0.999 averages about the last 1,000 steps): smooths the optimiser's step-to-step noise")
