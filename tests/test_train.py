@@ -715,6 +715,18 @@ def test_resume_does_not_need_the_file_the_run_started_from(image_dir: Path, tmp
 
 
 # ----------------------------------------------------------------------------- torchrun
+def _start_until_validated(cmd: list[str], log: Path, timeout: float) -> subprocess.Popen:
+    """Start a training command (one thread per process) and wait until its log holds a validation."""
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (log.exists() and '"kind": "val"' in log.read_text()):
+        time.sleep(0.2)
+    return proc
+
+
 def _torchrun_train(image_dir: Path, out: Path, iterations: int) -> list[str]:
     """A tiny two-process CPU training command (gloo)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -740,18 +752,13 @@ def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_sigint_stops_gracefully_and_saves(image_dir: Path, tmp_path: Path) -> None:
     import signal
-    import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "napari_vdsr.cli", "train", "--data", str(image_dir), "--scales", "2",
            "--iterations", "100000", "--batch-size", "2", "--patch-size", "16", "--depth", "3", "--width", "8",
            "--val-every", "5", "--val-crop", "32", "--device", "cpu", "--quiet", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = _start_until_validated(cmd, out / "log.jsonl", 120)
     log = out / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and '"kind": "val"' in log.read_text()):
-        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -807,17 +814,11 @@ def test_every_recipe_field_has_a_command_line_option(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_stop_seen_by_one_process_stops_all_and_saves(image_dir: Path, tmp_path: Path) -> None:
     import signal
-    import time
 
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "ddp"
     cmd = _torchrun_train(image_dir, out, iterations=100000)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    log = out / "log.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (log.exists() and '"kind": "val"' in log.read_text()):
-        time.sleep(0.2)
+    proc = _start_until_validated(cmd, out / "log.jsonl", 180)
     rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
              if c.environ().get("RANK") == "1" and "napari_vdsr.cli" in " ".join(c.cmdline())]
     assert len(rank1) == 1, "rank 1 not found"

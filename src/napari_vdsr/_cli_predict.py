@@ -377,17 +377,14 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     # two inputs must not write the same output (a.tif and a.png with --format tif; b.tif from two folders):
     # the later ones fail up front, so --overwrite never replaces a result of this run
-    dests: dict[Path, Path] = {}
+    dests = {inp: out if single_file else out / output_name(inp, a.task, scale, a.format) for inp in inputs}
+    owner: dict[Path, Path] = {}  # resolved output -> the input that writes it
     clash: dict[Path, str] = {}
-    for inp in inputs:
-        dest = out if single_file else out / output_name(inp, a.task, scale, a.format)
-        key = dest.resolve()
-        if key in dests.values():
-            first = next(i for i, d in dests.items() if d == key)
+    for inp, dest in dests.items():
+        first = owner.setdefault(dest.resolve(), inp)
+        if first is not inp:
             clash[inp] = (f"{inp}: its output {dest} would be the same file as that of {first}; write them to "
                           "different -o folders, or rename one of them")
-        else:
-            dests[inp] = key
     written, mpx_total, t_start = 0, 0.0, time.perf_counter()
     tiff_log = logging.getLogger("tifffile")  # corrupt files are reported once, as errors, below
     tiff_level = tiff_log.level
@@ -396,8 +393,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", RuntimeWarning)
             warnings.showwarning = show_warning
-            for inp in inputs:
-                dest = out if single_file else out / output_name(inp, a.task, scale, a.format)
+            for inp, dest in dests.items():
                 if inp in clash:
                     failed.append(str(inp))
                     say(f"napari-vdsr: error: {clash[inp]}.")

@@ -351,7 +351,7 @@ class RestoreWidget(Container):
         dims = self._viewer.dims
         lead = src.lead_shape
         offset = dims.ndim - layer.ndim  # layer axis i is world axis i + offset
-        if any(i + offset in set(dims.displayed) for i in range(len(lead))):
+        if any(i + offset in dims.displayed for i in range(len(lead))):
             self._notify(
                 "warning",
                 f"{self.verb}: 'current plane' restores one Y/X plane, but the viewer now displays a stack axis of "

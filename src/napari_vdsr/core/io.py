@@ -246,6 +246,29 @@ def _open_npy(p: Path) -> Any:
 # --------------------------------------------------------------------------- whole images
 
 
+def _read_pillow(p: Path, keep_alpha: bool = True) -> tuple[np.ndarray, dict]:
+    """A PNG / JPEG / ... file (see :func:`read_image`) and what a restored copy keeps of it: its
+    ICC colour profile and print resolution (``icc_profile``, ``dpi``)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(p) as im:
+        info = {k: im.info[k] for k in ("icc_profile", "dpi") if im.info.get(k)}
+        if im.format == "PNG" and im.mode in ("RGB", "RGBA", "LA") and any(
+                ";16" in str(getattr(t, "args", "")) for t in im.tile):  # raw modes RGB;16B, RGBA;16B, LA;16B
+            raise InputError(
+                f"{p}: a 16-bit colour image, which Pillow can read only as 8 bits; save it as TIFF "
+                "(e.g. in Fiji) and restore the TIFF so that no precision is lost."
+            )
+        im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos store it turned)
+        if not keep_alpha and im.mode in ("LA", "PA", "RGBA"):
+            im = im.convert("L" if im.mode == "LA" else "RGB")
+        if im.mode in ("P", "CMYK", "LA", "PA"):
+            im = im.convert("RGBA" if "A" in im.mode else "RGB")
+        if im.mode == "I;16":
+            return np.asarray(im).astype(np.uint16), info
+        return np.asarray(im).copy(), info
+
+
 def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
     """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes).
 
@@ -270,23 +293,7 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
             return np.asarray(tifffile.imread(p))
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
-        from PIL import Image, ImageOps
-
-        with Image.open(p) as im:
-            if im.format == "PNG" and im.mode in ("RGB", "RGBA", "LA") and any(
-                    ";16" in str(getattr(t, "args", "")) for t in im.tile):  # raw modes RGB;16B, RGBA;16B, LA;16B
-                raise InputError(
-                    f"{p}: a 16-bit colour image, which Pillow can read only as 8 bits; save it as TIFF "
-                    "(e.g. in Fiji) and restore the TIFF so that no precision is lost."
-                )
-            im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos store it turned)
-            if not keep_alpha and im.mode in ("LA", "PA", "RGBA"):
-                im = im.convert("L" if im.mode == "LA" else "RGB")
-            if im.mode in ("P", "CMYK", "LA", "PA"):
-                im = im.convert("RGBA" if "A" in im.mode else "RGB")
-            if im.mode == "I;16":
-                return np.asarray(im).astype(np.uint16)
-            return np.asarray(im).copy()
+        return _read_pillow(p, keep_alpha)[0]
     except InputError:
         raise
     except Exception as exc:
@@ -423,11 +430,8 @@ def open_image(path: str | os.PathLike) -> ImageSource:
             if isinstance(arr, RawArray):
                 src._closers.append(arr.close)
             return src
-        from PIL import Image
-
-        with Image.open(p) as im:  # what a restored copy should keep: colour profile, print resolution
-            info = {k: im.info[k] for k in ("icc_profile", "dpi") if im.info.get(k)}
-        return ImageSource(p, read_image(p), None, info, "pillow")
+        arr, info = _read_pillow(p)  # one read: the pixels and what a restored copy keeps
+        return ImageSource(p, arr, None, info, "pillow")
     except InputError:
         raise
     except Exception as exc:
