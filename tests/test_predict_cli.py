@@ -167,3 +167,25 @@ def test_models_lists_cards(tmp_path, tiny_model, monkeypatch, capsys):
     assert data[0]["name"] == "tiny-sr" and data[0]["card"]["scales"] == [2, 3, 4]
     assert main(["models", "--task", "denoise"]) == 0
     assert "no models" in capsys.readouterr().out
+
+
+def test_models_listing_shows_validation_and_benchmarks(tmp_path, monkeypatch, capsys):
+    """The plain listing reads like a table: PSNR per level and per benchmark set, not a flattened dict."""
+    net = VDSR(depth=3, width=8)
+    cells = [{"task": "denoise", "set": "BSD68", "level": lv, "psnr": p, "reference": [1.0]}
+             for lv, p in ((15, 30.874), (50, 25.736))]
+    card = {"tasks": ["denoise"], "metrics": {
+        "validation": {"psnr": 30.5, "baseline_psnr": 19.8, "per_level": {"15": 33.144, "50": 27.7}, "step": 82000},
+        "benchmarks": {"measured": "2026-11-27", "cells": cells + [{"set": "odd", "psnr": "n/a"}]}},
+        "training": {"recipe": {"val_data": ["photos/HR"]}}}
+    weights.save_model(net, tmp_path / "m" / "dn.safetensors", card)
+    weights.save_model(net, tmp_path / "m" / "bare.safetensors", {"tasks": ["sr"], "metrics": {"validation": "?"}})
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "m")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert ("validation PSNR (on photos/HR) at step 82,000: sigma 15 33.14, sigma 50 27.70, mean 30.50, input 19.80"
+            in out)
+    assert "benchmark PSNR (dB, measured 2026-11-27): BSD68 sigma 15 30.87, sigma 50 25.74" in out
+    assert "odd" not in out  # a cell without a number is left out, not printed as garbage
+    bare = out[out.index("bare"):out.index("dn")] if out.index("bare") < out.index("dn") else out[out.index("bare"):]
+    assert "no metrics recorded" in bare
