@@ -65,9 +65,13 @@ ck_step() { [ -f "$1" ] && $py -c "import sys, torch; print(torch.load(sys.argv[
 step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['metrics']['validation'].get('step') or c['training']['steps'])" "$1"; }
 common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
+# the SR cycle in progress (scripts/sr_cycle.json): its schedule, and the step it starts at
+cycle() { $py -c "import json,sys; print(json.load(open('scripts/sr_cycle.json'))[sys.argv[1]])" "$1"; }
+sr_schedule=(--iterations "$(cycle iterations)" --decay-start "$(cycle decay_start)")
+sr_start=$(cycle start_step)
 declare -A extra=(
-  # SR without a run to resume (no runs/sr-cycle3): the third cycle's recipe from its resume point in .gpu/init
-  [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-1} --lr-schedule cosine --lr-gamma 0.01 --iterations 140000 --decay-start 120000 --ema 0.999 --warmup 1000 --val-data $G/referee --val-prescale 1 --val-crop 1024 --val-every 1000 --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
+  # SR without a run to resume: the recipe of the cycle in scripts/sr_cycle.json from its resume point in .gpu/init
+  [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-1} --lr-schedule cosine --lr-gamma 0.01 ${sr_schedule[*]} --ema 0.999 --warmup 1000 --val-data $G/referee --val-prescale 1 --val-crop 1024 --val-every 1000 --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"
   [denoise]="--task denoise --sigma-range 0 55 --patch-size 48 --lr-step ${DN_LR_STEP:-16000} --workers ${DN_WORKERS:-3} --name vdsr-denoise"
   [srpaper]="--task sr --scales 2 3 4 --patch-size 41 --prescale 2 --optimizer sgd --lr 0.1 --momentum 0.9 --weight-decay 1e-4 --clip-theta ${PAPER_THETA:-0.0001} --lr-schedule step --lr-step 2490 --lr-gamma 0.1 --iterations 9960 --val-data $G/referee --val-prescale 1 --workers ${SR_WORKERS:-7} --name vdsr-sr-x234"
   [deblock]="--task deblock --quality-range 5 50 --patch-size 48 --lr-step ${DB_LR_STEP:-16000} --workers ${DB_WORKERS:-4} --name vdsr-deblock"
@@ -99,7 +103,10 @@ for t in $TASKS; do
     w=${extra[$t]##*--workers }; w=${w%% *}
     vd=()  # a run validated on --val-data (runs/sr-scratch-grid: the referee photos) validates on $G/referee there
     $py -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('val_data') else 1)" "$RUNS/$t/config.json" && vd=(--val-data "$G/referee")
-    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size "$BATCH" --workers "$w" --checkpoint-minutes 2 --val-every 500 "${vd[@]}"
+    sched=()  # an SR run inside the cycle of scripts/sr_cycle.json goes on with its schedule (the previous cycle's
+    # run, carried before it reached the cycle's start, finishes its own recipe)
+    [ "$t" = sr ] && [ "$(ck_step "$RUNS/$t/checkpoint.pt")" -ge "$sr_start" ] && sched=("${sr_schedule[@]}")
+    launch "$t" --resume --data "$G/train" --device "$DEVICE" --batch-size "$BATCH" --workers "$w" --checkpoint-minutes 2 --val-every 500 "${vd[@]}" "${sched[@]}"
   elif [ "$t" = srpaper ]; then
     # shellcheck disable=SC2086
     launch "$t" --data "$G/train" --batch-size 64 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE" ${extra[$t]}

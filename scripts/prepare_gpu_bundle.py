@@ -15,7 +15,7 @@
   referee photos ``runs/referee-photos/x1/HR`` (built when missing); a run validated on
   ``--val-data`` validates on them there (the same pairs: its best score goes on).  Without
   a run to resume, SR starts from the cycle's resume point in the package
-  (``vdsr-sr-x234-cycle3``) when there is one, and gpu_session.sh goes on with its recipe.
+  (``scripts/sr_cycle.json``) when there is one, and gpu_session.sh goes on with its recipe.
 * ``whl/``: wheels of the packages the GPU image lacks (pydantic and its three helpers,
   for CPython 3.12 on x86-64), downloaded with pip from the package registry.
 
@@ -36,13 +36,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 #: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
 RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
-#: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12)
-RESUME = {"sr": "sr-cycle3"}
+#: the SR cycle in progress (its run, the previous cycle's run, the resume point in the package)
+CYCLE = json.loads((ROOT / "scripts" / "sr_cycle.json").read_text())
+#: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12: the cycle's run,
+#: else the previous cycle's, which gpu_session.sh finishes or, once finished, continues with the cycle's schedule)
+RESUME = {"sr": CYCLE["run"]}
+RESUME_FALLBACK = {"sr": CYCLE["previous_run"]}
 RUN_FILES = ["checkpoint.pt", "config.json", "log.jsonl", "best.safetensors", "best.json"]
 BUNDLED = {"sr": "vdsr-sr-x234", "denoise": "vdsr-denoise", "deblock": "vdsr-deblock"}
-#: a cycle's resume point in the package goes before the default (SR without runs/sr-cycle3: its
+#: a cycle's resume point in the package goes before the default (SR without either run: its
 #: EMA weights at the last checkpoint a session committed; gpu_session.sh continues the cycle's recipe)
-RESUME_POINT = {"sr": "vdsr-sr-x234-cycle3"}
+RESUME_POINT = {"sr": CYCLE["resume_point"]}
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 
 
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
         referee_mod.build(Path(a.runs) / "referee-photos", images=referee_mod.PHOTOS)
     for task, run in RESUME.items():
         folder = Path(a.runs) / run
+        if not (folder / "checkpoint.pt").exists() and task in RESUME_FALLBACK:
+            folder = Path(a.runs) / RESUME_FALLBACK[task]
         if not (folder / "checkpoint.pt").exists():
             continue
         dst = out / "resume" / task

@@ -75,6 +75,28 @@ def test_prepare_gpu_bundle_packs_the_sr_run_and_the_referee(tmp_path: Path) -> 
     assert json.loads((out / "init" / "sr.json").read_text()) == want
 
 
+def test_prepare_gpu_bundle_falls_back_to_the_previous_cycle(tmp_path: Path) -> None:
+    """Before the cycle's run exists, the previous cycle's run goes to the GPU (gpu_session.sh finishes or continues it)."""
+    prep = load_benchmark_script("prepare_gpu_bundle", "scripts")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "a.png")
+    runs = tmp_path / "runs"
+    prev = runs / prep.RESUME_FALLBACK["sr"]
+    prev.mkdir(parents=True)
+    for name in prep.RUN_FILES:
+        (prev / name).write_text(f"previous {name}")
+    (runs / "referee-photos" / "x1" / "HR").mkdir(parents=True)
+    out = tmp_path / "gpu"
+    assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
+    assert (out / "resume" / "sr" / "checkpoint.pt").read_text() == "previous checkpoint.pt"
+    run = runs / prep.RESUME["sr"]  # once the cycle's own run has a checkpoint, that one goes
+    run.mkdir()
+    (run / "checkpoint.pt").write_text("current")
+    assert prep.main(["--out", str(out), "--data", str(data), "--runs", str(runs), "--no-wheels"]) == 0
+    assert (out / "resume" / "sr" / "checkpoint.pt").read_text() == "current"
+
+
 def test_bundle_model_takes_the_legs_from_the_run_log(tmp_path: Path, monkeypatch) -> None:
     from napari_vdsr.core.weights import load_model
 
@@ -99,3 +121,88 @@ def test_bundle_model_takes_the_legs_from_the_run_log(tmp_path: Path, monkeypatc
     bundle.main()
     _, out = load_model(str(tmp_path / "weights" / "tiny.safetensors"))
     assert out["training"]["batch_by_leg"] == {"0-4": 64, "4-6": 4} and out["default_for"] == []
+
+
+def _fake_repo_for_train_bundled(tmp_path: Path) -> tuple[Path, dict, Path]:
+    """A copy of train_bundled.sh and sr_cycle.json beside a fake ``napari-vdsr`` that records its arguments."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("train_bundled.sh", "sr_cycle.json"):
+        shutil.copy2(root / "scripts" / name, repo / "scripts" / name)
+    (repo / "runs" / "referee-photos" / "x1" / "HR").mkdir(parents=True)
+    (repo / "src" / "napari_vdsr" / "weights").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.txt"
+    fake = bin_dir / "napari-vdsr"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n')
+    fake.chmod(0o755)
+    return repo, json.loads((repo / "scripts" / "sr_cycle.json").read_text()), record
+
+
+def _run_train_bundled(repo: Path, record: Path) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{record.parent / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(repo / "scripts" / "train_bundled.sh"), "sr"], env=env, check=True, capture_output=True,
+                   text=True, timeout=120)
+    return record.read_text().split("\n")
+
+
+def _checkpoint(folder: Path, step: int) -> None:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step}, folder / "checkpoint.pt")
+
+
+def test_train_bundled_moves_from_one_sr_cycle_to_the_next(tmp_path: Path) -> None:
+    """The cycle of scripts/sr_cycle.json: the previous run finishes first, is copied at its end, then resumes."""
+    repo, cycle, record = _fake_repo_for_train_bundled(tmp_path)
+    runs = repo / "runs"
+    prev, new = runs / cycle["previous_run"], runs / cycle["run"]
+    schedule = ["--iterations", str(cycle["iterations"]), "--decay-start", str(cycle["decay_start"])]
+    # the previous cycle not finished: resumed with its own recipe (no schedule from the new cycle)
+    _checkpoint(prev, cycle["start_step"] - 10)
+    argv = _run_train_bundled(repo, record)
+    assert argv[:4] == ["train", "--out", f"runs/{cycle['previous_run']}", "--data"] and "--resume" in argv
+    assert "--decay-start" not in argv and not new.exists()
+    # finished: copied into the new cycle's folder (without its last.* exports) and resumed with the new schedule
+    _checkpoint(prev, cycle["start_step"])
+    (prev / "last.safetensors").write_text("the previous cycle's end")
+    (prev / "log.jsonl").write_text("{}\n")
+    argv = _run_train_bundled(repo, record)
+    assert argv[:3] == ["train", "--out", f"runs/{cycle['run']}"] and "--resume" in argv
+    assert argv[argv.index("--iterations"):argv.index("--iterations") + 4] == schedule
+    assert (new / "log.jsonl").read_text() == "{}\n" and not (new / "last.safetensors").exists()
+    assert (prev / "last.safetensors").exists()  # the previous run is left as it was
+    # later: the new cycle's folder resumes, whatever the previous one holds
+    _checkpoint(new, cycle["start_step"] + 500)
+    (new / "marker").write_text("kept")
+    argv = _run_train_bundled(repo, record)
+    assert argv[:3] == ["train", "--out", f"runs/{cycle['run']}"] and (new / "marker").exists()
+    # no runs at all: from the default in the package, the cycle's schedule, with a warm-up
+    import shutil
+
+    shutil.rmtree(prev)
+    shutil.rmtree(new)
+    weights = repo / "src" / "napari_vdsr" / "weights"
+    (weights / "vdsr-sr-x234.safetensors").write_text("w")
+    (weights / "vdsr-sr-x234.json").write_text(json.dumps({"training": {"steps": cycle["start_step"]}}))
+    argv = _run_train_bundled(repo, record)
+    assert argv[argv.index("--from") + 1] == "src/napari_vdsr/weights/vdsr-sr-x234.safetensors"
+    assert argv[argv.index("--start-step") + 1] == str(cycle["start_step"]) and "--warmup" in argv
+    assert argv[argv.index("--iterations"):argv.index("--iterations") + 4] == schedule
+
+
+def test_sr_cycle_file_is_consistent() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cycle = json.loads((root / "scripts" / "sr_cycle.json").read_text())
+    assert cycle["start_step"] < cycle["decay_start"] < cycle["iterations"]
+    assert cycle["run"] != cycle["previous_run"] and cycle["resume_point"].startswith("vdsr-sr-x234-")
+    assert cycle["rule"] in (root / "docs" / "training.md").read_text()  # the rule is written down
