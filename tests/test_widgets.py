@@ -495,6 +495,33 @@ def test_registered_model_appears_and_runs(make_napari_viewer, qtbot, tiny_model
     assert viewer.layers[-1].metadata["napari_vdsr"]["model"] == name
 
 
+def test_model_tooltip_shows_the_chosen_models_numbers(make_napari_viewer, tmp_path, monkeypatch):
+    """Hovering the model list tells what the chosen model measured (the card's validation and benchmarks)."""
+    monkeypatch.setattr(weights, "_user_models", {})
+    card = {"tasks": ["sr"], "scales": [2.0], "metrics": {
+        "validation": {"psnr": 33.5, "per_level": {"2": 33.5}},
+        "benchmarks": {"measured": "2026-11-28", "cells": [{"set": "Set5", "level": 2, "psnr": 37.342}]}}}
+    path = weights.save_model(VDSR(depth=3, width=8), tmp_path / "scored.safetensors", card)
+    viewer = make_napari_viewer()
+    w = SuperResolveWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w._model.value = _restore.FROM_FILE  # no file chosen yet: the help alone
+    assert w._model.tooltip == w._model_help
+    w._model_file.value = str(path)
+    assert "Set5 x2 37.34" in w._model.tooltip and "x2 33.50" in w._model.tooltip
+    assert w._model.tooltip.startswith(w._model_help)
+    name = weights.register_model(path, name="scored")
+    refresh_model_choices()
+    w._model.value = _restore.DEFAULT  # the bundled default's own card
+    assert f"{weights.default_model_name('sr')}:" in w._model.tooltip and "PSNR" in w._model.tooltip
+    w._model.value = name
+    assert "scored:" in w._model.tooltip and "Set5 x2 37.34" in w._model.tooltip
+    (tmp_path / "broken.safetensors").write_bytes(b"not a model")
+    w._model.value = _restore.FROM_FILE
+    w._model_file.value = str(tmp_path / "broken.safetensors")
+    assert w._model.tooltip == w._model_help  # unreadable: no error, the help alone
+
+
 # --------------------------------------------------------------------------- manifest
 
 

@@ -434,52 +434,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
-def _level_label(task: str, level: Any) -> str:
-    """How a level reads in a listing: x3 for SR, sigma 25 for denoising, q 20 for JPEG (ASCII for any console)."""
-    try:
-        value = f"{float(level):g}"
-    except (TypeError, ValueError):
-        value = str(level)
-    return {"sr": "x", "denoise": "sigma ", "deblock": "q "}.get(task, "") + value
-
-
-def _metrics_lines(card: dict[str, Any]) -> list[str]:
-    """A model card's metrics as short readable lines: held-out validation and benchmark PSNR."""
-    metrics = card.get("metrics") or {}
-    task = (card.get("tasks") or ["?"])[0]
-    lines: list[str] = []
-    val = metrics.get("validation")
-    if isinstance(val, dict) and (isinstance(val.get("per_level"), dict) or isinstance(val.get("psnr"), (int, float))):
-        parts = [f"{_level_label(task, k)} {v:.2f}" for k, v in (val.get("per_level") or {}).items()
-                 if isinstance(v, (int, float))]
-        for key, label in (("psnr", "mean"), ("baseline_psnr", "input")):
-            if isinstance(val.get(key), (int, float)):
-                parts.append(f"{label} {val[key]:.2f}")
-        recipe = (card.get("training") or {}).get("recipe") or {}
-        source = recipe.get("val_data")
-        where = (f"on {', '.join(str(v) for v in source)}" if isinstance(source, list) and source
-                 else "on held-out training images")
-        step = f" at step {int(val['step']):,}" if isinstance(val.get("step"), (int, float)) else ""
-        lines.append(f"validation PSNR ({where}){step}: {', '.join(parts)}")
-    bench = metrics.get("benchmarks")
-    if isinstance(bench, dict) and isinstance(bench.get("cells"), list):
-        by_set: dict[str, list[str]] = {}
-        for cell in bench["cells"]:
-            if not isinstance(cell, dict) or not isinstance(cell.get("psnr"), (int, float)):
-                continue
-            by_set.setdefault(str(cell.get("set", "?")), []).append(
-                f"{_level_label(cell.get('task', task), cell.get('level'))} {cell['psnr']:.2f}")
-        if by_set:
-            when = f", measured {bench['measured']}" if bench.get("measured") else ""
-            lines.append(f"benchmark PSNR (dB{when}): " + "; ".join(f"{k} {', '.join(v)}" for k, v in by_set.items()))
-    if not lines:
-        lines.append("no metrics recorded")
-    return lines
-
-
 def cmd_models(a: argparse.Namespace) -> int:
     """Run ``napari-vdsr models``."""
-    from .core.weights import list_models
+    from .core.weights import card_summary, list_models
 
     entries = list_models(a.task)
     if a.json:
@@ -499,7 +456,7 @@ def cmd_models(a: argparse.Namespace) -> int:
         print(f"  tasks: {', '.join(e.tasks) or '?'}" + (f"; scales: {', '.join(f'{s:g}' for s in scales)}" if scales else ""))
         print(f"  architecture: depth {arch.get('depth', '?')}, width {arch.get('width', '?')}; "
               f"{'bundled' if e.bundled else 'registered'}: {e.path}")
-        for line in _metrics_lines(c):
+        for line in card_summary(c):
             print(f"  {line}")
         if c.get("note"):
             print(f"  note: {c['note']}")

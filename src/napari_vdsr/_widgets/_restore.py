@@ -38,7 +38,7 @@ from magicgui.widgets import (
 from ..core.errors import VDSRError
 from ..core.restore import infer_axes, output_shape, restore_iter
 from ..core.constants import DEFAULT_TILE, MIN_TILE
-from ..core.weights import TASK_LABELS, default_model_name, list_models, read_card, resolve_model_path
+from ..core.weights import TASK_LABELS, card_summary, default_model_name, list_models, read_card, resolve_model_path
 from ._geometry import LayerSnapshot, output_layer_kwargs
 
 if TYPE_CHECKING:
@@ -199,10 +199,11 @@ class RestoreWidget(Container):
         self._image = create_widget(label="image", annotation="napari.layers.Image", name="image")
         self._image.tooltip = "Image layer to restore (labels, points and shapes layers are not listed)."
         self._model = ComboBox(label="model", name="model", choices=self._model_choices)
-        self._model.tooltip = (
+        self._model_help = (
             f"Bundled default {TASK_LABELS[self.task]} model, models registered in this session "
             "(e.g. fine-tuned ones), or a .safetensors file."
         )
+        self._model.tooltip = self._model_help
         self._model_file = FileEdit(label="model file", name="model_file", mode="r", filter="*.safetensors", visible=False)
         self._tile = SpinBox(label="tile size", name="tile", min=MIN_TILE, max=8192, step=64, value=DEFAULT_TILE)
         self._tile.tooltip = "Tiles of this many pixels (plus a halo) are processed at a time; smaller = less memory."
@@ -238,6 +239,8 @@ class RestoreWidget(Container):
 
         self._image.changed.connect(self._update_state)
         self._model.changed.connect(self._update_state)
+        self._model.changed.connect(self._update_model_tooltip)
+        self._model_file.changed.connect(self._update_model_tooltip)
         self._extent.changed.connect(self._update_state)
         self._run_btn.changed.connect(self._on_run)
         self._cancel_btn.changed.connect(self.cancel)
@@ -245,6 +248,7 @@ class RestoreWidget(Container):
         self.native.destroyed.connect(self._on_destroyed)
         _LIVE.add(self)
         self._update_state()
+        self._update_model_tooltip()
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -315,6 +319,15 @@ class RestoreWidget(Container):
     def worker(self) -> Any:
         """The running napari worker, or None."""
         return self._worker
+
+    def _update_model_tooltip(self, *_: Any) -> None:
+        """The model list's tooltip: what it offers, then the chosen model's validation and benchmark PSNR."""
+        try:
+            spec, label = self._model_spec()
+            card = read_card(resolve_model_path(spec if spec is not None else label))
+            self._model.tooltip = f"{self._model_help}\n\n{label}:\n" + "\n".join(card_summary(card))
+        except (VDSRError, OSError, ValueError):  # no model chosen yet, or an unreadable file: the help alone
+            self._model.tooltip = self._model_help
 
     def _update_state(self, *_: Any) -> None:
         self._model_file.visible = self._model.value == FROM_FILE
