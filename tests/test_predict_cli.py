@@ -189,3 +189,16 @@ def test_models_listing_shows_validation_and_benchmarks(tmp_path, monkeypatch, c
     assert "odd" not in out  # a cell without a number is left out, not printed as garbage
     bare = out[out.index("bare"):out.index("dn")] if out.index("bare") < out.index("dn") else out[out.index("bare"):]
     assert "no metrics recorded" in bare
+
+
+@pytest.mark.parametrize("card", [
+    {"metrics": ["not", "a", "dict"]},
+    {"tasks": "sr", "training": "text", "metrics": {"validation": {"psnr": 30.0, "step": float("nan")}}},
+    {"metrics": {"validation": {"per_level": {"2": True, "3": float("inf")}}, "benchmarks": {"cells": "none"}}},
+    {"metrics": {"benchmarks": {"cells": [None, {"psnr": float("nan")}]}}},
+])
+def test_card_summary_never_fails_on_a_hand_edited_card(card):
+    """`models` and the widgets' tooltip read cards users may have edited: odd values are left out, not raised."""
+    lines = weights.card_summary(card)
+    assert lines and all(isinstance(line, str) for line in lines)
+    assert not any(w in " ".join(lines) for w in ("nan", "inf", "True", "1.00"))

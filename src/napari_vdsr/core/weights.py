@@ -9,6 +9,7 @@ lone ``.safetensors`` file is self-describing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -164,27 +165,33 @@ def card_summary(card: dict[str, Any]) -> list[str]:
 
     What ``napari-vdsr models`` prints and the restore widgets show as the model list's tooltip.
     """
-    metrics = card.get("metrics") or {}
-    task = (card.get("tasks") or ["?"])[0]
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def mapping(v: Any) -> dict[str, Any]:  # a card edited by hand may hold anything anywhere
+        return v if isinstance(v, dict) else {}
+
+    metrics = mapping(card.get("metrics"))
+    tasks = card.get("tasks")
+    task = str(tasks[0]) if isinstance(tasks, list) and tasks else "?"
     lines: list[str] = []
-    val = metrics.get("validation")
-    if isinstance(val, dict) and (isinstance(val.get("per_level"), dict) or isinstance(val.get("psnr"), (int, float))):
-        parts = [f"{_level_label(task, k)} {v:.2f}" for k, v in (val.get("per_level") or {}).items()
-                 if isinstance(v, (int, float))]
+    val = mapping(metrics.get("validation"))
+    per_level = mapping(val.get("per_level"))
+    if per_level or number(val.get("psnr")):
+        parts = [f"{_level_label(task, k)} {v:.2f}" for k, v in per_level.items() if number(v)]
         for key, label in (("psnr", "mean"), ("baseline_psnr", "input")):
-            if isinstance(val.get(key), (int, float)):
+            if number(val.get(key)):
                 parts.append(f"{label} {val[key]:.2f}")
-        recipe = (card.get("training") or {}).get("recipe") or {}
-        source = recipe.get("val_data")
+        source = mapping(mapping(card.get("training")).get("recipe")).get("val_data")
         where = (f"on {', '.join(str(v) for v in source)}" if isinstance(source, list) and source
                  else "on held-out training images")
-        step = f" at step {int(val['step']):,}" if isinstance(val.get("step"), (int, float)) else ""
+        step = f" at step {int(val['step']):,}" if number(val.get("step")) else ""
         lines.append(f"validation PSNR ({where}){step}: {', '.join(parts)}")
-    bench = metrics.get("benchmarks")
-    if isinstance(bench, dict) and isinstance(bench.get("cells"), list):
+    bench = mapping(metrics.get("benchmarks"))
+    if isinstance(bench.get("cells"), list):
         by_set: dict[str, list[str]] = {}
         for cell in bench["cells"]:
-            if not isinstance(cell, dict) or not isinstance(cell.get("psnr"), (int, float)):
+            if not isinstance(cell, dict) or not number(cell.get("psnr")):
                 continue
             by_set.setdefault(str(cell.get("set", "?")), []).append(
                 f"{_level_label(cell.get('task', task), cell.get('level'))} {cell['psnr']:.2f}")
