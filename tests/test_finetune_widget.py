@@ -369,3 +369,18 @@ def test_plot_of_a_run_without_validation_has_no_stale_legend(make_napari_viewer
     assert plot.ax_psnr.get_legend() is not None
     plot.update(_finetune.Curves(total=10, step=[1], loss=[0.1]), "bicubic")  # the next run: no validation
     assert plot.ax_psnr.get_legend() is None
+
+
+def test_base_model_tooltip_shows_the_chosen_models_numbers(make_napari_viewer, sr_model, tmp_path):
+    """The base model list tells what the chosen model measured; a model for another task shows the help alone."""
+    viewer = make_napari_viewer()
+    w = make_widget(viewer, sr_model, tmp_path)
+    assert w._base.tooltip.startswith(w._base_help) and "tiny-sr.safetensors:" in w._base.tooltip
+    assert "no metrics recorded" in w._base.tooltip  # the tiny model's card has none
+    w._base.value = _restore.DEFAULT  # the bundled default SR model and its benchmark numbers
+    assert f"{weights.default_model_name('sr')}:" in w._base.tooltip and "benchmark PSNR" in w._base.tooltip
+    w._task.value = "denoise"
+    assert f"{weights.default_model_name('denoise')}:" in w._base.tooltip and "sigma 25" in w._base.tooltip
+    w._base.value = _restore.FROM_FILE
+    w._base_file.value = sr_model  # an SR model as the base of a denoising fine-tune: refused, no numbers
+    assert w._base.tooltip == w._base_help

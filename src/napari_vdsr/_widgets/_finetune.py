@@ -45,7 +45,7 @@ from ..core.errors import TrainingError, VDSRError
 from ..core.finetune import FINETUNE_DEFAULTS, make_finetune_trainer
 from ..core.train import SGD_CLIP_THETA
 from ..core.weights import TASK_LABELS, TASKS, default_model_name, list_models, read_card, register_model, resolve_model_path
-from ._restore import DEFAULT, DEVICES, FROM_FILE, refresh_model_choices, reset_choices_in_order
+from ._restore import DEFAULT, DEVICES, FROM_FILE, model_tooltip, refresh_model_choices, reset_choices_in_order
 
 if TYPE_CHECKING:
     import napari
@@ -311,10 +311,11 @@ class FinetuneWidget(Container):
 
         # ---------------------------------------------------------------- model and recipe
         self._base = ComboBox(label="base model", name="base_model", choices=self._base_choices)
-        self._base.tooltip = (
+        self._base_help = (
             "The model to start from: the bundled default for the task, a model registered in this session "
             "(e.g. an earlier fine-tune), or a .safetensors file."
         )
+        self._base.tooltip = self._base_help
         self._base_file = FileEdit(label="base model file", name="base_file", mode="r", filter="*.safetensors",
                                    visible=False)
         self._steps = SpinBox(label="steps", name="steps", min=1, max=1_000_000, step=50,
@@ -392,6 +393,8 @@ class FinetuneWidget(Container):
         self._mode.changed.connect(self._update_state)
         self._task.changed.connect(self._on_task)
         self._base.changed.connect(self._update_state)
+        for w in (self._base, self._base_file, self._task):
+            w.changed.connect(self._update_base_tooltip)
         self._images.changed.connect(self._update_state)
         self._degraded.changed.connect(self._update_state)
         self._clean.changed.connect(self._update_state)
@@ -403,6 +406,7 @@ class FinetuneWidget(Container):
         self.native.destroyed.connect(self._on_destroyed)
         self._preselect_active_layer()
         self._update_state()
+        self._update_base_tooltip()
 
     # ------------------------------------------------------------------ choices
 
@@ -486,6 +490,10 @@ class FinetuneWidget(Container):
             self._lr.value = f"{lr_new:g}"
         if math.isclose(float(self._theta.value), th_old):
             self._theta.value = th_new
+
+    def _update_base_tooltip(self, *_: Any) -> None:
+        """The base model list's tooltip: what it offers, then the chosen model's validation and benchmark PSNR."""
+        self._base.tooltip = model_tooltip(self._base_help, lambda: self._base_spec(str(self._task.value)))
 
     def _update_state(self, *_: Any) -> None:
         paired = self._mode.value == PAIRED

@@ -18,7 +18,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import numpy as np
 from magicgui.widgets import (
@@ -176,6 +176,20 @@ class _ShowWatcher:
         native.installEventFilter(self.filter)
 
 
+def model_tooltip(help_text: str, spec: Callable[[], tuple[Optional[str], str]]) -> str:
+    """A model list's tooltip: ``help_text``, then what the chosen model measured (its card's summary).
+
+    ``spec()`` gives (model argument, label) as the widget resolves them; when it raises (no model
+    chosen yet, an unreadable file, a model for another task) the tooltip is the help alone.
+    """
+    try:
+        model, label = spec()
+        card = read_card(resolve_model_path(model if model is not None else label))
+    except (VDSRError, OSError, ValueError):
+        return help_text
+    return f"{help_text}\n\n{label}:\n" + "\n".join(card_summary(card))
+
+
 class RestoreWidget(Container):
     """Base widget: image picker, model, task parameter, tile, device, plane/stack, Run/Cancel.
 
@@ -322,12 +336,7 @@ class RestoreWidget(Container):
 
     def _update_model_tooltip(self, *_: Any) -> None:
         """The model list's tooltip: what it offers, then the chosen model's validation and benchmark PSNR."""
-        try:
-            spec, label = self._model_spec()
-            card = read_card(resolve_model_path(spec if spec is not None else label))
-            self._model.tooltip = f"{self._model_help}\n\n{label}:\n" + "\n".join(card_summary(card))
-        except (VDSRError, OSError, ValueError):  # no model chosen yet, or an unreadable file: the help alone
-            self._model.tooltip = self._model_help
+        self._model.tooltip = model_tooltip(self._model_help, self._model_spec)
 
     def _update_state(self, *_: Any) -> None:
         self._model_file.visible = self._model.value == FROM_FILE
