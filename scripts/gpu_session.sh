@@ -66,9 +66,10 @@ step_of() { $py -c "import json,sys; c=json.load(open(sys.argv[1])); print(c['me
 common=(--data "$G/train" --batch-size "$BATCH" --optimizer adam --lr 1e-4 --lr-schedule step --lr-gamma 0.3
         --iterations 100000 --val-fraction 0.05 --val-every 500 --checkpoint-minutes 2 --seed 0 --device "$DEVICE")
 # the SR cycle in progress (scripts/sr_cycle.json): its schedule, and the step it starts at
-cycle() { $py -c "import json,sys; print(json.load(open('scripts/sr_cycle.json'))[sys.argv[1]])" "$1"; }
-sr_schedule=(--iterations "$(cycle iterations)" --decay-start "$(cycle decay_start)")
-sr_start=$(cycle start_step)
+read -r sr_start sr_iterations sr_decay < <($py -c "import json
+c = json.load(open('scripts/sr_cycle.json'))
+print(c['start_step'], c['iterations'], c['decay_start'])")
+sr_schedule=(--iterations "$sr_iterations" --decay-start "$sr_decay")
 declare -A extra=(
   # SR without a run to resume: the recipe of the cycle in scripts/sr_cycle.json from its resume point in .gpu/init
   [sr]="--task sr --scales 2 3 4 --patch-size 41 --prescale ${SR_PRESCALE:-1} --lr-schedule cosine --lr-gamma 0.01 ${sr_schedule[*]} --ema 0.999 --warmup 1000 --val-data $G/referee --val-prescale 1 --val-crop 1024 --val-every 1000 --workers ${SR_WORKERS:-5} --name vdsr-sr-x234"

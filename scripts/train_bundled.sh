@@ -26,9 +26,12 @@ case $task in
   # full referee rank the lr the other way); then runs/sr-cycle3: 1e-4 until 120,000, a cosine to 1e-6 at 140,000;
   # then the cycle of scripts/sr_cycle.json (runs/sr-cycle4: 1e-4 until 160,000, a cosine to 1e-6 at 180,000).
   sr)      name=vdsr-sr-x234;  seed=0
-           cycle() { python -c "import json,sys; print(json.load(open('scripts/sr_cycle.json'))[sys.argv[1]])" "$1"; }
-           cycle_run=runs/$(cycle run); prev_run=runs/$(cycle previous_run); start_step=$(cycle start_step)
-           schedule=(--iterations "$(cycle iterations)" --decay-start "$(cycle decay_start)")
+           # the cycle's fields, read once
+           read -r cycle_name prev_name start_step iterations decay_start resume_name < <(python -c "import json
+c = json.load(open('scripts/sr_cycle.json'))
+print(*(c[k] for k in ('run', 'previous_run', 'start_step', 'iterations', 'decay_start', 'resume_point')))")
+           cycle_run=runs/$cycle_name; prev_run=runs/$prev_name
+           schedule=(--iterations "$iterations" --decay-start "$decay_start")
            [ -d runs/referee-photos/x1/HR ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); import referee; from pathlib import Path; referee.build(Path('runs/referee-photos'), images=referee.PHOTOS)"
            args=(--scales 2 3 4 "${schedule[@]}" --patch-size 41 --lr 1e-4 --lr-schedule cosine --lr-gamma 0.01
                  --ema 0.999 --val-data runs/referee-photos/x1/HR --val-prescale 1 --val-crop 1024
@@ -80,7 +83,7 @@ if [ "$task" = sr ]; then  # its exact resume (the recipe in its config.json), e
   [ -f "$run/checkpoint.pt" ] && exec napari-vdsr train --out "$run" "${resume[@]}" "${schedule[@]}" "$@"
   # no run folder: the cycle's resume point in the package (its EMA weights at the last checkpoint a session
   # committed), else the default (since session 16: the previous cycle's last weights, the cycle's start)
-  resume_point=src/napari_vdsr/weights/$(cycle resume_point).safetensors
+  resume_point=src/napari_vdsr/weights/$resume_name.safetensors
   [ -f "$resume_point" ] || resume_point=$bundled
   if [ -f "$resume_point" ]; then
     exec napari-vdsr "${common[@]}" --from "$resume_point" --start-step "$(card_steps "$resume_point")" --warmup 1000 "$@"
