@@ -43,7 +43,7 @@ if compgen -G "$G/whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-py=python3
+py=${PY:-python3}  # (tests put a stand-in here)
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; nproc; date -u;
   $py -c "import torch, pydantic, napari_vdsr.core.train as t; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"; } 2>&1 | tee "$OUT/gpu.txt"
@@ -92,9 +92,11 @@ launch() {
   pids+=($!)
 }
 for t in $TASKS; do
-  if [ -f "$G/resume/$t/checkpoint.pt" ]; then  # exact resume of a carried run folder
-    # a second call on the still-warm machine: $RUNS (ignored by git, so kept there between calls)
-    # holds this run further on than the carried folder; go on from there instead
+  if [ -f "$G/resume/$t/checkpoint.pt" ] || [ -f "$RUNS/$t/checkpoint.pt" ]; then  # exact resume
+    # of a carried run folder; or a second call on the still-warm machine: $RUNS (ignored by git, so
+    # kept there between calls) holds this run further on than the carried folder, or holds the run a
+    # first call started from $G/init (session 17 found a second call restarting it from its init
+    # weights); go on from there instead
     here=$(ck_step "$RUNS/$t/checkpoint.pt")
     if [ "$here" -gt "$(ck_step "$G/resume/$t/checkpoint.pt")" ]; then
       echo "$t: resuming $RUNS/$t (step $here), ahead of $G/resume/$t" | tee -a "$OUT/gpu.txt"

@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the run whose best weights a task continues from when it is in runs/ (else the bundled weights);
-RUNS = {"sr": None, "denoise": "denoise-gpu9", "deblock": "deblock-gpu9"}
+RUNS = {"sr": None, "denoise": "denoise-gpu17", "deblock": "deblock-gpu17"}
 #: the SR cycle in progress (its run, the previous cycle's run, the resume point in the package)
 CYCLE = json.loads((ROOT / "scripts" / "sr_cycle.json").read_text())
 #: the run a task resumes exactly on the GPU when its checkpoint is in runs/ (SR since session 12: the cycle's run,

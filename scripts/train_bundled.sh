@@ -47,11 +47,12 @@ esac
 # The run to resume: of the task's run folders (sessions 4-9), the one with the newest checkpoint.
 # SR since session 16: the run of scripts/sr_cycle.json (14-15: runs/sr-cycle3, then runs/sr-cycle2; 11-13: runs/sr-scratch-grid, runs/sr-anneal13; 10: runs/sr-grid-w-np; 4-9: runs/sr-prescale2). Denoise / deblock: runs/<task>-s7 (session 7), runs/denoise-gpu8
 # (session 8, from runs/denoise-s7 on an H100), runs/<task>-gpu9 (session 9: from the bundled weights on
-# an H100, the same recipe at batch 64), runs/<task>-from-bundled (this script, when none was there).
+# an H100, the same recipe at batch 64), runs/<task>-gpu17 (session 17: the same, from the bundled weights again),
+# runs/<task>-from-bundled (this script, when none was there).
 case $task in
   sr) candidates=("$cycle_run") ;;  # only the active cycle: a finished run (sr-cycle2) resumed would train nothing
-  denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-from-bundled) ;;
-  deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-from-bundled) ;;
+  denoise) candidates=(runs/denoise-s7 runs/denoise-gpu8 runs/denoise-gpu9 runs/denoise-gpu17 runs/denoise-from-bundled) ;;
+  deblock) candidates=(runs/deblock-s7 runs/deblock-gpu9 runs/deblock-gpu17 runs/deblock-from-bundled) ;;
 esac
 run=${candidates[-1]}  # nothing to resume: the last folder (SR: its run; else a new run from the committed weights)
 newest=0

@@ -64,3 +64,14 @@ def test_a_resumed_run_with_another_batch_records_both_legs_in_its_card(tmp_path
     assert card["steps"] == 8 and card["device"] == "cpu"
     assert card["batch_by_leg"] == {"0-4": 2, "4-8": 4}
     assert list(card["lr_by_leg"]) == ["0-8"]
+
+
+def test_lr_of_a_run_continued_from_weights_starts_at_its_first_step() -> None:
+    # a run started with --from ... --start-step 82000 logs its first start at 82,000: its lr
+    # stretch begins there, not at step 0 (the card would claim an lr for steps it never ran)
+    log = [{"kind": "start", "step": 82000, "device": "Some GPU", "batch": 64, "elapsed": 0.0},
+           *({"kind": "step", "step": 82000 + k, "lr": 3e-5, "elapsed": k / 30} for k in range(10, 110, 10))]
+    legs = describe_legs(log, 82100)
+    assert legs["lr_by_leg"] == {"82000-82100": 3e-5}
+    assert legs["batch_by_leg"] == {"82000-82100": 64}
+    assert lr_segments([(110, 1e-4), (120, 1e-4)], 120, starts=[100]) == [{"from": 100, "to": 120, "lr": 1e-4}]

@@ -206,3 +206,45 @@ def test_sr_cycle_file_is_consistent() -> None:
     assert cycle["start_step"] < cycle["decay_start"] < cycle["iterations"]
     assert cycle["run"] != cycle["previous_run"] and cycle["resume_point"].startswith("vdsr-sr-x234-")
     assert cycle["rule"] in (root / "docs" / "training.md").read_text()  # the rule is written down
+
+
+def test_gpu_session_second_call_resumes_a_run_it_started_from_weights(tmp_path: Path) -> None:
+    """A second call on the warm GPU machine goes on with the run a first call started from $G/init,
+    instead of starting it again from those weights (what session 17 found)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("gpu_session.sh", "sr_cycle.json"):
+        shutil.copy2(root / "scripts" / name, repo / "scripts" / name)
+    g = tmp_path / "g"
+    (g / "init").mkdir(parents=True)
+    (g / "init" / "denoise.safetensors").write_text("w")
+    (g / "init" / "denoise.json").write_text(json.dumps({"metrics": {"validation": {"step": 82000}}}))
+    record = tmp_path / "argv.txt"
+    fake = tmp_path / "py"  # the python of the script: `-m napari_vdsr.cli ...` recorded, the rest run for real
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -m ]; then printf "%s\\n" "$@" > "{record}"; exit 0; fi\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "G": str(g), "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "BENCH": "0",
+           "TESTS": "0", "TASKS": "denoise", "TOTAL_SECONDS": "100", "STOP_MARGIN": "10"}
+
+    def call() -> list[str]:
+        record.unlink(missing_ok=True)
+        with open(tmp_path / "session.log", "w") as log:  # a file, not a pipe: the snapshot loop's sleep outlives it
+            subprocess.run(["bash", str(repo / "scripts" / "gpu_session.sh")], env=env, check=True, stdout=log,
+                           stderr=subprocess.STDOUT, timeout=120)
+        return record.read_text().split("\n")
+
+    first = call()  # nothing there yet: from the init weights
+    assert first[first.index("--from") + 1] == f"{g}/init/denoise.safetensors" and "--resume" not in first
+    assert first[first.index("--start-step") + 1] == "82000"
+    _checkpoint(repo / "gpu-runs" / "denoise", 95000)  # what the first call's run left on the machine
+    second = call()
+    assert "--resume" in second and "--from" not in second
+    assert second[second.index("--out") + 1] == "gpu-runs/denoise"
+    assert (tmp_path / "out" / "denoise.tar").is_file()  # packed for the trip back

@@ -112,7 +112,8 @@ def lr_segments(points: list[tuple[int, float]], end_step: int, starts: Iterable
     prev_step = None
     for g in groups:
         first, last = g["pts"][0], g["pts"][-1]
-        lo = 0
+        # a run continued from weights (--start-step) begins at its first start, not at step 0
+        lo = starts[0] if starts and starts[0] <= first[0] else 0
         if segs:
             resumed = [s_ for s_ in starts if prev_step <= s_ < first[0]]
             lo = resumed[0] if resumed else prev_step
