@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from napari_vdsr.core.runlog import describe_legs
+from napari_vdsr.core.runlog import LEG_KEYS, continue_legs, describe_legs
 from napari_vdsr.core.weights import BUNDLED_DIR, load_model, save_model
 
 
@@ -32,6 +32,10 @@ def main() -> None:
     ap.add_argument("--batch-by-leg", default=None, metavar="JSON",
                     help='batch of each leg, e.g. \'{"0-29441": 32, "29441-55324": 64, "55324-140000": 32}\', for runs '
                          "whose early log lines lack the batch (before session 14)")
+    ap.add_argument("--continues", default=None, metavar="MODEL",
+                    help="the model (bundled name or file) a run continued with --from --start-step started from, "
+                         "for a run whose checkpoint predates session 17 (newer checkpoints remember it): its card's "
+                         "machine, batch and lr by leg come first")
     a = ap.parse_args()
     model, card = load_model(a.run)
     card.pop("path", None)
@@ -42,6 +46,16 @@ def main() -> None:
     tr = card.setdefault("training", {})
     run_dir = Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent
     legs = describe_legs(run_dir / "log.jsonl", int(tr.get("steps", 0))) if tr.get("steps") else None
+    start = int(tr.get("recipe", {}).get("start_step") or 0)
+    earlier = None
+    if a.continues:
+        earlier = {k: v for k, v in load_model(a.continues)[1].get("training", {}).items() if k in LEG_KEYS}
+    elif (run_dir / "checkpoint.pt").is_file():
+        import torch
+
+        earlier = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False).get("earlier_legs")
+    if legs and earlier and start:  # a run continued from weights: how those were trained comes first
+        legs = continue_legs(earlier, legs, start, int(tr["steps"]))
     if legs:  # machine, batch and lr by leg, from the run's log (a card exported by an older engine lacks them)
         tr.update(legs)
         print("legs from the log: " + json.dumps(legs))

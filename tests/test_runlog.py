@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run_in_legs
 
-from napari_vdsr.core.runlog import describe_legs, lr_segments, training_legs
+from napari_vdsr.core.runlog import continue_legs, describe_legs, lr_segments, training_legs
 
 
 def _steps(a: int, b: int, lr, leg_start: int | None = None, every: int = 10) -> list[dict]:
@@ -75,3 +75,63 @@ def test_lr_of_a_run_continued_from_weights_starts_at_its_first_step() -> None:
     assert legs["lr_by_leg"] == {"82000-82100": 3e-5}
     assert legs["batch_by_leg"] == {"82000-82100": 64}
     assert lr_segments([(110, 1e-4), (120, 1e-4)], 120, starts=[100]) == [{"from": 100, "to": 120, "lr": 1e-4}]
+
+
+def test_continue_legs_puts_the_starting_weights_legs_first() -> None:
+    earlier = {"device": "cpu (steps 0-100 and 300-500), Some GPU (steps 100-300)",
+               "wall_hours_by_device": {"cpu": 2.0, "Some GPU": 0.5},
+               "lr_by_leg": {"0-300": 1e-4, "300-500": "0.0001 -> 1e-06"},
+               "batch_by_leg": {"0-100": 32, "100-300": 64, "300-500": 32}}
+    new = {"device": "cpu", "wall_hours_by_device": {"cpu": 1.0}, "lr_by_leg": {"450-600": 3e-5},
+           "batch_by_leg": {"450-600": 32}}
+    # continued from the step-450 weights (the card says 500: what ran after 450 is not in these weights)
+    out = continue_legs(earlier, new, 450, 600)
+    assert out["device"] == "cpu (steps 0-100 and 300-600), Some GPU (steps 100-300)"
+    assert out["lr_by_leg"] == {"0-300": 1e-4, "300-450": "0.0001 -> 1e-06", "450-600": 3e-5}
+    assert out["batch_by_leg"] == {"0-100": 32, "100-300": 64, "300-600": 32}  # the same batch on: one leg
+    assert out["wall_hours_by_device"] == {"cpu": 3.0, "Some GPU": 0.5}
+    # a card of one machine and no legs, and a run on another machine
+    out = continue_legs({"device": "cpu"}, {"device": "Some GPU", "batch_by_leg": {"10-20": 64}}, 10, 20)
+    assert out["device"] == "cpu (steps 0-10), Some GPU (steps 10-20)" and out["batch_by_leg"] == {"10-20": 64}
+    assert continue_legs({}, new, 450, 600) == new and continue_legs(earlier, new, 0, 600) == new
+
+
+def test_a_run_continued_from_weights_describes_their_legs_too(tmp_path) -> None:
+    """--from --start-step: the exported cards (and, after a resume, still) list how the starting
+    weights were trained before the run's own legs; scripts/bundle_model.py keeps them."""
+    import torch
+    from helpers import load_benchmark_script, tiny_run_in_legs
+
+    from napari_vdsr.cli import main as cli_main
+    from napari_vdsr.core.weights import load_model
+
+    first = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2", "--lr", "1e-3"],
+                                        ["--iterations", "6", "--batch-size", "4", "--lr", "1e-4"]])
+    second = tmp_path / "second"
+    common = ["train", "--data", str(tmp_path / "imgs"), "--out", str(second), "--device", "cpu", "--quiet",
+              "--scales", "2", "--patch-size", "16", "--depth", "3", "--width", "8", "--val-every", "2",
+              "--lr-schedule", "constant", "--batch-size", "4", "--lr", "3e-5"]
+    assert cli_main(common + ["--from", str(first / "last.safetensors"), "--start-step", "6", "--iterations", "8"]) == 0
+    assert cli_main(common + ["--iterations", "10", "--resume"]) == 0  # the lineage survives a resume
+    tr = json.loads((second / "last.json").read_text())["training"]
+    assert tr["steps"] == 10
+    assert tr["batch_by_leg"] == {"0-4": 2, "4-10": 4}
+    assert tr["lr_by_leg"] == {"0-4": 1e-3, "4-6": 1e-4, "6-10": 3e-5}
+    assert tr["device"] == "cpu" and set(tr["wall_hours_by_device"]) == {"cpu"}
+    # bundle_model.py: from the checkpoint's record, or (an older checkpoint) from --continues
+    bundle = load_benchmark_script("bundle_model", "scripts")
+    import sys
+    from unittest import mock
+
+    for extra in ([], ["--continues", str(first / "last.safetensors")]):
+        if extra:
+            ck = torch.load(second / "checkpoint.pt", weights_only=False)
+            ck.pop("earlier_legs")
+            torch.save(ck, second / "checkpoint.pt")
+        with mock.patch.object(bundle, "BUNDLED_DIR", tmp_path / "weights"), \
+                mock.patch.object(sys, "argv", ["bundle_model.py", str(second / "last.safetensors"), "--name", "t",
+                                                *extra]):
+            bundle.main()
+        out = load_model(str(tmp_path / "weights" / "t.safetensors"))[1]["training"]
+        assert out["batch_by_leg"] == {"0-4": 2, "4-10": 4}, extra
+        assert out["lr_by_leg"] == {"0-4": 1e-3, "4-6": 1e-4, "6-10": 3e-5}, extra

@@ -155,3 +155,78 @@ def describe_legs(log: str | Path | list[dict[str, Any]], end_step: int) -> Opti
     if all(lg["batch"] is not None for lg in legs):
         out["batch_by_leg"] = {f"{lg['from']}-{lg['to']}": lg["batch"] for lg in legs}
     return out
+
+
+#: the card entries (under ``training``) that say how a model's weights were trained, leg by leg
+LEG_KEYS = ("device", "wall_hours_by_device", "lr_by_leg", "batch_by_leg")
+_DEVICE_SPANS = re.compile(r"(.+?) \(steps ([0-9,\- and]+)\)(?:, |$)")
+
+
+def _ranges(entries: dict[str, Any]) -> list[tuple[int, int, Any]]:
+    out = []
+    for key, value in entries.items():
+        try:
+            a, b = (int(x.replace(",", "")) for x in str(key).split("-"))
+        except ValueError:
+            continue
+        out.append((a, b, value))
+    return sorted(out, key=lambda r: r[0])
+
+
+def _clip(ranges: list[tuple[int, int, Any]], start: int) -> list[tuple[int, int, Any]]:
+    return [(a, min(b, start), v) for a, b, v in ranges if a < start]
+
+
+def _device_spans(device: Any, steps: int) -> list[tuple[int, int, str]]:
+    """``"cpu (steps 0-29,441 and 55,324-165,000), GPU (steps 29,441-55,324)"`` as (from, to, device)."""
+    text = str(device or "")
+    spans = []
+    for m in _DEVICE_SPANS.finditer(text):
+        for part in m.group(2).split(" and "):
+            a, b = (int(x.replace(",", "")) for x in part.split("-"))
+            spans.append((a, b, m.group(1)))
+    if not spans and text:  # one machine for all of it
+        spans = [(0, steps, text)]
+    return sorted(spans)
+
+
+def _joined(ranges: list[tuple[int, int, Any]]) -> list[tuple[int, int, Any]]:
+    out: list[tuple[int, int, Any]] = []
+    for a, b, v in ranges:
+        if out and out[-1][1] == a and out[-1][2] == v:
+            out[-1] = (out[-1][0], b, v)
+        else:
+            out.append((a, b, v))
+    return out
+
+
+def continue_legs(earlier: dict[str, Any], legs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    """The leg entries of a run continued from weights at step ``start`` (``--from --start-step``)
+    up to step ``end``: those of the weights' card (``earlier``, its ``training``, up to ``start``)
+    and then the run's own (``legs``, from :func:`describe_legs` on its log, which begins at
+    ``start``).  Without this a card would describe only the last run, as if the weights had
+    started there."""
+    out = dict(legs)
+    if not earlier or not start:
+        return out
+    if earlier.get("device") and legs.get("device"):
+        spans = _clip(_device_spans(earlier["device"], start), start) + _device_spans(legs["device"], end)
+        if "(steps" not in str(legs["device"]):  # one machine for the whole run
+            spans[-1] = (start, end, spans[-1][2])
+        by_device: dict[str, list[tuple[int, int]]] = {}
+        for a, b, d in _joined(sorted(spans)):
+            by_device.setdefault(d, []).append((a, b))
+        out["device"] = (", ".join(f"{d} (steps {' and '.join(f'{a:,}-{b:,}' for a, b in s)})"
+                                   for d, s in by_device.items()) if len(by_device) > 1 else next(iter(by_device)))
+    for key in ("lr_by_leg", "batch_by_leg"):
+        if isinstance(earlier.get(key), dict) and isinstance(legs.get(key), dict):
+            merged = _clip(_ranges(earlier[key]), start) + _ranges(legs[key])
+            if key == "batch_by_leg":
+                merged = _joined(merged)
+            out[key] = {f"{a}-{b}": v for a, b, v in merged}
+    if isinstance(earlier.get("wall_hours_by_device"), dict) and isinstance(legs.get("wall_hours_by_device"), dict):
+        hours = {d: float(h) for d, h in earlier["wall_hours_by_device"].items()}
+        for d, h in legs["wall_hours_by_device"].items():
+            hours[d] = round(hours.get(d, 0.0) + float(h), 3)
+        out["wall_hours_by_device"] = hours
+    return out

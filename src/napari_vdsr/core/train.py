@@ -581,6 +581,9 @@ class Trainer:
         # model
         torch.manual_seed(cfg.seed)
         self.base_card: Optional[dict[str, Any]] = None
+        #: how the starting weights of a run continued with --start-step were trained (the leg entries
+        #: of their card), kept in the checkpoint: the exported cards describe the whole lineage
+        self.earlier_legs: Optional[dict[str, Any]] = None
         # a run resumed from its checkpoint takes its weights (and the starting weights, base_state)
         # from there: the model file it once started from is not read again, so a run whose
         # starting file has moved or gone (a copy made on another machine) still resumes
@@ -646,6 +649,7 @@ class Trainer:
             self._restart_best_if_validation_changed(ck)
             self._best_exported_after_checkpoint()
             self.compute_seconds = float(ck.get("compute_seconds", 0.0))
+            self.earlier_legs = ck.get("earlier_legs")
             if ck.get("base_state") is not None:
                 self.base_state = ck["base_state"]
         elif cfg.start_step:
@@ -654,6 +658,10 @@ class Trainer:
             self.step = min(cfg.start_step, cfg.iterations)
             if self.base_card:
                 self.compute_seconds = float(self.base_card.get("training", {}).get("compute_hours", 0.0)) * 3600.0
+                from .runlog import LEG_KEYS
+
+                trained = self.base_card.get("training", {})
+                self.earlier_legs = {k: trained[k] for k in LEG_KEYS if k in trained} or None
         if cfg.ema:
             # the average starts from the weights training starts from (a run resumed without
             # an average, e.g. --ema given on --resume, starts one here)
@@ -855,6 +863,7 @@ class Trainer:
             "step": self.step,
             "best": self.best,
             "compute_seconds": self.compute_seconds,
+            "earlier_legs": self.earlier_legs,
             "config": json.loads(self.config.model_dump_json()),
             "base_state": self.base_state,
             "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
@@ -888,9 +897,11 @@ class Trainer:
             "normalization": "uint8 / 255; other dtypes by the image's min..max",
         }
         if self.out is not None:  # machine, batch and lr of each leg of a run resumed across machines
-            from .runlog import describe_legs
+            from .runlog import continue_legs, describe_legs
 
             legs = describe_legs(self._earlier_log + self.history, self.step)
+            if legs and self.earlier_legs:  # continued from weights: their legs first
+                legs = continue_legs(self.earlier_legs, legs, cfg.start_step, self.step)
             if legs:
                 card["training"].update(legs)
         card.update(self.card_extra)
