@@ -90,9 +90,13 @@ def test_continue_legs_puts_the_starting_weights_legs_first() -> None:
     assert out["lr_by_leg"] == {"0-300": 1e-4, "300-450": "0.0001 -> 1e-06", "450-600": 3e-5}
     assert out["batch_by_leg"] == {"0-100": 32, "100-300": 64, "300-600": 32}  # the same batch on: one leg
     assert out["wall_hours_by_device"] == {"cpu": 3.0, "Some GPU": 0.5}
-    # a card of one machine and no legs, and a run on another machine
-    out = continue_legs({"device": "cpu"}, {"device": "Some GPU", "batch_by_leg": {"10-20": 64}}, 10, 20)
-    assert out["device"] == "cpu (steps 0-10), Some GPU (steps 10-20)" and out["batch_by_leg"] == {"10-20": 64}
+    # a card of one machine from step 0, and a run on another machine
+    out = continue_legs({"device": "cpu", "batch_by_leg": {"0-10": 8}}, {"device": "Some GPU", "batch_by_leg": {"10-20": 64}},
+                        10, 20)
+    assert out["device"] == "cpu (steps 0-10), Some GPU (steps 10-20)" and out["batch_by_leg"] == {"0-10": 8, "10-20": 64}
+    # a card that names only its last machine (its legs do not begin at 0, or it has none): not taken for all its steps
+    for card in ({"device": "Some GPU", "batch_by_leg": {"5-10": 64}}, {"device": "Some GPU"}):
+        assert continue_legs(card, {"device": "cpu"}, 10, 20)["device"] == "cpu"
     assert continue_legs({}, new, 450, 600) == new and continue_legs(earlier, new, 0, 600) == new
 
 

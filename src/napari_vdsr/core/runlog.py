@@ -177,8 +177,9 @@ def _clip(ranges: list[tuple[int, int, Any]], start: int) -> list[tuple[int, int
     return [(a, min(b, start), v) for a, b, v in ranges if a < start]
 
 
-def _device_spans(device: Any, steps: int) -> list[tuple[int, int, str]]:
-    """``"cpu (steps 0-29,441 and 55,324-165,000), GPU (steps 29,441-55,324)"`` as (from, to, device)."""
+def _device_spans(device: Any, steps: int, first: int = 0) -> list[tuple[int, int, str]]:
+    """``"cpu (steps 0-29,441 and 55,324-165,000), GPU (steps 29,441-55,324)"`` as (from, to, device);
+    a name without steps: that machine from step ``first`` to ``steps``."""
     text = str(device or "")
     spans = []
     for m in _DEVICE_SPANS.finditer(text):
@@ -186,7 +187,7 @@ def _device_spans(device: Any, steps: int) -> list[tuple[int, int, str]]:
             a, b = (int(x.replace(",", "")) for x in part.split("-"))
             spans.append((a, b, m.group(1)))
     if not spans and text:  # one machine for all of it
-        spans = [(0, steps, text)]
+        spans = [(first, steps, text)]
     return sorted(spans)
 
 
@@ -209,10 +210,13 @@ def continue_legs(earlier: dict[str, Any], legs: dict[str, Any], start: int, end
     out = dict(legs)
     if not earlier or not start:
         return out
-    if earlier.get("device") and legs.get("device"):
-        spans = _clip(_device_spans(earlier["device"], start), start) + _device_spans(legs["device"], end)
-        if "(steps" not in str(legs["device"]):  # one machine for the whole run
-            spans[-1] = (start, end, spans[-1][2])
+    # a card's machine without steps is that of all its steps only when its legs begin at step 0 (a card
+    # from before session 14, or of a run continued from weights before session 17, names only its last machine)
+    firsts = [r[0] for key in ("batch_by_leg", "lr_by_leg") if isinstance(earlier.get(key), dict)
+              for r in _ranges(earlier[key])[:1]]
+    whole = "(steps" in str(earlier.get("device")) or (bool(firsts) and min(firsts) == 0)
+    if whole and legs.get("device"):
+        spans = _clip(_device_spans(earlier["device"], start), start) + _device_spans(legs["device"], end, start)
         by_device: dict[str, list[tuple[int, int]]] = {}
         for a, b, d in _joined(sorted(spans)):
             by_device.setdefault(d, []).append((a, b))
