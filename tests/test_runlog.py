@@ -98,6 +98,12 @@ def test_continue_legs_puts_the_starting_weights_legs_first() -> None:
     for card in ({"device": "Some GPU", "batch_by_leg": {"5-10": 64}}, {"device": "Some GPU"}):
         assert continue_legs(card, {"device": "cpu"}, 10, 20)["device"] == "cpu"
     assert continue_legs({}, new, 450, 600) == new and continue_legs(earlier, new, 0, 600) == new
+    # a hand-edited card: what cannot be read is left out, nothing fails
+    odd = {"device": "cpu (steps 0-1-2 and x-y), Some GPU (steps 2-5)", "wall_hours_by_device": {"cpu": "n/a", "x": None},
+           "lr_by_leg": {"a-b": 1, "0-5": 1e-4}, "batch_by_leg": ["not", "a", "dict"]}
+    out = continue_legs(odd, new, 5, 600)
+    assert out["device"] == "Some GPU (steps 2-5), cpu (steps 5-600)" and out["wall_hours_by_device"] == {"cpu": 1.0}
+    assert out["lr_by_leg"] == {"0-5": 1e-4, "450-600": 3e-5} and out["batch_by_leg"] == new["batch_by_leg"]
 
 
 def test_a_run_continued_from_weights_describes_their_legs_too(tmp_path) -> None:

@@ -159,7 +159,7 @@ def describe_legs(log: str | Path | list[dict[str, Any]], end_step: int) -> Opti
 
 #: the card entries (under ``training``) that say how a model's weights were trained, leg by leg
 LEG_KEYS = ("device", "wall_hours_by_device", "lr_by_leg", "batch_by_leg")
-_DEVICE_SPANS = re.compile(r"(.+?) \(steps ([0-9,\- and]+)\)(?:, |$)")
+_DEVICE_SPANS = re.compile(r"([^()]+?) \(steps ([^()]*)\)(?:, |$)")
 
 
 def _ranges(entries: dict[str, Any]) -> list[tuple[int, int, Any]]:
@@ -184,7 +184,10 @@ def _device_spans(device: Any, steps: int, first: int = 0) -> list[tuple[int, in
     spans = []
     for m in _DEVICE_SPANS.finditer(text):
         for part in m.group(2).split(" and "):
-            a, b = (int(x.replace(",", "")) for x in part.split("-"))
+            try:
+                a, b = (int(x.replace(",", "")) for x in part.split("-"))
+            except ValueError:  # a hand-edited card: that span is left out
+                continue
             spans.append((a, b, m.group(1)))
     if not spans and text:  # one machine for all of it
         spans = [(first, steps, text)]
@@ -208,7 +211,7 @@ def continue_legs(earlier: dict[str, Any], legs: dict[str, Any], start: int, end
     ``start``).  Without this a card would describe only the last run, as if the weights had
     started there."""
     out = dict(legs)
-    if not earlier or not start:
+    if not isinstance(earlier, dict) or not earlier or not start:
         return out
     # a card's machine without steps is that of all its steps only when its legs begin at step 0 (a card
     # from before session 14, or of a run continued from weights before session 17, names only its last machine)
@@ -229,8 +232,10 @@ def continue_legs(earlier: dict[str, Any], legs: dict[str, Any], start: int, end
                 merged = _joined(merged)
             out[key] = {f"{a}-{b}": v for a, b, v in merged}
     if isinstance(earlier.get("wall_hours_by_device"), dict) and isinstance(legs.get("wall_hours_by_device"), dict):
-        hours = {d: float(h) for d, h in earlier["wall_hours_by_device"].items()}
-        for d, h in legs["wall_hours_by_device"].items():
-            hours[d] = round(hours.get(d, 0.0) + float(h), 3)
+        hours: dict[str, float] = {}
+        for part in (earlier["wall_hours_by_device"], legs["wall_hours_by_device"]):
+            for d, h in part.items():
+                if isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h):
+                    hours[d] = round(hours.get(d, 0.0) + float(h), 3)
         out["wall_hours_by_device"] = hours
     return out

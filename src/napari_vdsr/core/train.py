@@ -901,7 +901,10 @@ class Trainer:
 
             legs = describe_legs(self._earlier_log + self.history, self.step)
             if legs and self.earlier_legs:  # continued from weights: their legs first
-                legs = continue_legs(self.earlier_legs, legs, cfg.start_step, self.step)
+                try:
+                    legs = continue_legs(self.earlier_legs, legs, cfg.start_step, self.step)
+                except Exception:  # an odd card never stops an export: the run's own legs then
+                    pass
             if legs:
                 card["training"].update(legs)
         card.update(self.card_extra)
