@@ -42,8 +42,11 @@ REFERENCE_POINTS = {"sr-grid": {"label": "first SR run's bundled checkpoints (ol
 
 
 def short_device(name: str) -> str:
-    """``CPU``, or a card's name without its memory size (``NVIDIA H100 80GB HBM3`` → ``NVIDIA H100``)."""
-    return "CPU" if name.lower() == "cpu" else " ".join(name.split()[:2])
+    """``CPU``, a CPU's maker and family (``CPU Intel Xeon Platinum 8480+`` → ``CPU Intel Xeon``), or a
+    card's name without its memory size (``NVIDIA H100 80GB HBM3`` → ``NVIDIA H100``)."""
+    if name.lower() == "cpu":
+        return "CPU"
+    return " ".join(name.split()[:3 if name.startswith("CPU ") else 2])
 
 
 def read_curves(runs: Path, known: dict | None = None) -> dict:

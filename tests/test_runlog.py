@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run_in_legs
 
+from napari_vdsr.core.device import cpu_label
 from napari_vdsr.core.runlog import continue_legs, describe_legs, lr_segments, training_legs
 
 
@@ -61,7 +62,7 @@ def test_lr_segments_of_a_warmup_then_constant() -> None:
 def test_a_resumed_run_with_another_batch_records_both_legs_in_its_card(tmp_path: Path) -> None:
     out = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2"], ["--iterations", "8", "--batch-size", "4"]])
     card = json.loads((out / "last.json").read_text())["training"]
-    assert card["steps"] == 8 and card["device"] == "cpu"
+    assert card["steps"] == 8 and card["device"] == cpu_label()
     assert card["batch_by_leg"] == {"0-4": 2, "4-8": 4}
     assert list(card["lr_by_leg"]) == ["0-8"]
 
@@ -127,7 +128,7 @@ def test_a_run_continued_from_weights_describes_their_legs_too(tmp_path) -> None
     assert tr["steps"] == 10
     assert tr["batch_by_leg"] == {"0-4": 2, "4-10": 4}
     assert tr["lr_by_leg"] == {"0-4": 1e-3, "4-6": 1e-4, "6-10": 3e-5}
-    assert tr["device"] == "cpu" and set(tr["wall_hours_by_device"]) == {"cpu"}
+    assert tr["device"] == cpu_label() and set(tr["wall_hours_by_device"]) == {cpu_label()}
     # bundle_model.py: from the checkpoint's record, or (an older checkpoint) from --continues
     bundle = load_benchmark_script("bundle_model", "scripts")
     import sys
@@ -145,3 +146,32 @@ def test_a_run_continued_from_weights_describes_their_legs_too(tmp_path) -> None
         out = load_model(str(tmp_path / "weights" / "t.safetensors"))[1]["training"]
         assert out["batch_by_leg"] == {"0-4": 2, "4-10": 4}, extra
         assert out["lr_by_leg"] == {"0-4": 1e-3, "4-6": 1e-4, "6-10": 3e-5}, extra
+
+
+@pytest.mark.parametrize("model, label", [
+    ("Intel(R) Xeon(R) Platinum 8480+", "CPU Intel Xeon Platinum 8480+"),
+    ("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz", "CPU Intel Core i7-8700"),
+    ("AMD Ryzen 9 5950X 16-Core Processor", "CPU AMD Ryzen 9 5950X 16-Core"),
+    ("AMD EPYC 7B13, rev (2)", "CPU AMD EPYC 7B13 rev 2"),
+])
+def test_cpu_label_names_the_cpu_model_without_what_a_card_line_splits_on(tmp_path: Path, model, label) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: x\nmodel name\t: {model}\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n"
+                    f"model name\t: {model}\n")
+    assert cpu_label(str(info)) == label
+    # two CPUs of one run stay two machines on its card, and a card read back gives the same spans
+    legs = {"device": f"{label} (steps 0-100), CPU Other (steps 100-150)"}
+    assert continue_legs({**legs, "batch_by_leg": {"0-150": 32}}, {"device": "Some GPU"}, 150, 200)["device"] == (
+        f"{label} (steps 0-100), CPU Other (steps 100-150), Some GPU (steps 150-200)")
+
+
+def test_cpu_label_without_a_model_name_is_plain_cpu(tmp_path: Path, monkeypatch) -> None:
+    import platform
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu\n")
+    monkeypatch.setattr(platform, "processor", lambda: "x86_64")
+    assert cpu_label(str(info)) == "cpu"
+    assert cpu_label(str(tmp_path / "missing")) == "cpu"
+    monkeypatch.setattr(platform, "processor", lambda: "Apple M2 (TM)")
+    assert cpu_label(str(tmp_path / "missing")) == "CPU Apple M2"

@@ -16,6 +16,7 @@ import torch
 
 from napari_vdsr.cli import main as cli_main
 from napari_vdsr.core.data import Plane, load_planes
+from napari_vdsr.core.device import cpu_label
 from napari_vdsr.core.errors import TrainingError
 from napari_vdsr.core.model import VDSR
 from napari_vdsr.core.train import CHECKPOINT_NAME, SGD_CLIP_THETA, TrainConfig, Trainer, clip_gradients, load_checkpoint, lr_at, train
@@ -282,7 +283,8 @@ def test_loss_falls_and_beats_bicubic_on_tiny_set(image_dir: Path, tmp_path: Pat
     assert (run / CHECKPOINT_NAME).exists() and (run / "best.safetensors").exists()
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "done"
-    assert lines[0]["device"] == "cpu"  # which machine ran the steps that follow (a card's name on CUDA)
+    # which machine ran the steps that follow: the CPU's model (a card's name on CUDA)
+    assert lines[0]["device"] == cpu_label() and lines[0]["device"].lower().startswith("cpu")
     model, card = load_model(run, task="sr")
     assert card["training"]["steps"] >= 1 and card["tasks"] == ["sr"]
     assert model.depth == 3

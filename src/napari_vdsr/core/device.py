@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+import re
+
 import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device", "cpu_has_fast_bf16", "autocast_dtype", "memory_format"]
+__all__ = ["resolve_device", "cpu_has_fast_bf16", "cpu_label", "autocast_dtype", "memory_format"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -54,6 +57,33 @@ def cpu_has_fast_bf16() -> bool:
         return "amx_bf16" in flags or "avx512_bf16" in flags
     except OSError:
         return False
+
+
+def cpu_label(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model for a model card, ``"CPU AMD EPYC"`` or ``"CPU Intel Xeon Platinum 8480+"``
+    (from ``cpuinfo``'s first ``model name``, else ``platform.processor()``), or ``"cpu"`` when
+    neither names it. Trade marks, parentheses and commas are left out: a card joins machines as
+    ``"NAME (steps A-B), NAME (steps C-D)"``. Two CPUs differ several-fold in training speed
+    (bf16 on AMX, float32 on AVX2), so a card says which one ran its steps."""
+    model = ""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name":
+                    model = value
+                    break
+    except OSError:
+        pass
+    if not model.strip():
+        model = platform.processor() or ""
+    model = re.sub(r"\((?:R|TM|C)\)", "", model, flags=re.IGNORECASE)
+    model = re.sub(r"@.*$", "", model)  # "... @ 2.10GHz": the clock, not the model
+    model = re.sub(r"\b(?:CPU|Processor)\b", " ", model, flags=re.IGNORECASE)
+    model = " ".join(re.sub(r"[(),]", " ", model).split())
+    if not model or model.lower() in ("x86_64", "i386", "arm", "arm64", "aarch64"):
+        return "cpu"
+    return f"CPU {model}"
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True) -> "torch.dtype | None":

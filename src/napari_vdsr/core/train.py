@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .data import PatchSampler, Plane, ValidationItem, load_planes, make_validation, split_validation
-from .device import memory_format, resolve_device
+from .device import cpu_label, memory_format, resolve_device
 from .errors import TrainingError
 from .model import VDSR
 
@@ -256,9 +256,12 @@ class TrainEvent:
 
 
 def device_name(device: torch.device | str) -> str:
-    """``"cpu"`` (or another device's string), or the card's name for a CUDA device."""
+    """The machine that ran a run's steps, for its log and card: the card's name for a CUDA device,
+    the CPU's model for the CPU (:func:`~napari_vdsr.core.device.cpu_label`), else the device's string."""
     dev = torch.device(device)
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return cpu_label() if dev.type == "cpu" else str(dev)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
