@@ -130,6 +130,17 @@ def test_jpeg_deblock_written_as_png(tmp_path):
     assert (tmp_path / "out" / "x_deblocked.png").is_file()
 
 
+def test_deblock_to_a_named_jpeg_warns_that_jpeg_brings_blocks_back(tmp_path, capsys):
+    src = tmp_path / "x.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)).save(src, quality=20)
+    model = weights.save_model(VDSR(depth=3, width=4), tmp_path / "db.safetensors", {"tasks": ["deblock"]})
+    assert predict(src, "-o", tmp_path / "clean.jpg", "--model", model, "--task", "deblock") == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "clean.jpg").is_file() and "brings back" in err and ".png" in err  # as asked, with a warning
+    assert predict(src, "-o", tmp_path / "clean.png", "--model", model, "--task", "deblock") == 0
+    assert "brings back" not in capsys.readouterr().err
+
+
 def test_model_errors_exit_2(tmp_path, tiny_model, inputs, capsys):
     d, *_ = inputs
     assert predict(d / "plane.npy", "-o", tmp_path / "o", "--model", tiny_model, "--task", "denoise") == 2

@@ -749,6 +749,9 @@ def test_torchrun_two_processes_cpu(image_dir: Path, tmp_path: Path) -> None:
     card = json.loads((out / "best.json").read_text())
     assert card["training"]["processes"] == 2
     assert load_checkpoint(out)["step"] == 6
+    # only the first process reports (the second's "done ... model: None" would say nothing was saved)
+    assert res.stderr.count("napari-vdsr: done at step 6/6") == 1 and "model: None" not in res.stderr
+    assert res.stderr.count("device cpu") == 1
 
 
 @pytest.mark.slow
@@ -937,3 +940,24 @@ def test_validation_at_a_non_integer_scale_shrinks_by_exactly_that_scale() -> No
         item = make_validation([plane], "sr", [lev], 48)[0]
         assert item.target.shape == item.inp.shape == (size, size)
     assert make_validation([plane], "sr", [2.0], 48)[0].target.shape == (48, 48)  # integer scales as before
+
+
+def test_a_planar_rgb_tiff_trains_as_colour_like_predict_reads_it(tmp_path: Path) -> None:
+    import tifffile
+
+    from napari_vdsr.core.io import read_image
+
+    rgb = (np.random.default_rng(3).random((48, 40, 3)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "interleaved.tif", rgb)  # axes YXS
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    assert tifffile.TiffFile(tmp_path / "planar.tif").series[0].axes == "SYX"
+    planar = load_planes([tmp_path / "planar.tif"])
+    inter = load_planes([tmp_path / "interleaved.tif"])
+    assert len(planar) == len(inter) == 1  # one luminance plane, not three grey ones
+    np.testing.assert_array_equal(planar[0].data, inter[0].data)
+    # the reader moves the samples last (what restore, evaluate and finetune --pairs expect) unless told not to
+    np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), rgb)
+    assert read_image(tmp_path / "planar.tif", samples_last=False).shape == (3, 48, 40)
+    # a grey stack of three planes stays three planes
+    tifffile.imwrite(tmp_path / "stack.tif", np.moveaxis(rgb, -1, 0), photometric="minisblack")
+    assert len(load_planes([tmp_path / "stack.tif"])) == 3

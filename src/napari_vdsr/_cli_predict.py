@@ -359,6 +359,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     out = Path(a.output)
     single_file = len(inputs) == 1 and _out_suffix(out) in _OUT_SUFFIXES
+    if single_file and a.task == "deblock" and _out_suffix(out) in (".jpg", ".jpeg"):
+        print(f"napari-vdsr: warning: {out.name}: saving a deblocked image as JPEG compresses it again and brings "
+              f"back some of the blocks just removed (quality {a.jpeg_quality}); name the output .png or .tif to "
+              "keep the result as restored.", file=sys.stderr)
     in_paths = {p.resolve() for p in inputs}
     show = not a.quiet
     files_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not show or len(inputs) < 2,

@@ -244,6 +244,8 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
     bar = None
     last_val = ""
     for ev in trainer.run():
+        if not getattr(trainer, "is_main", True):
+            continue  # torchrun: the other processes train in step with the first, which alone reports and saves
         if ev.kind == "start":
             print(f"napari-vdsr: {ev.message}", file=sys.stderr)
             if ev.val_base_model_psnr is not None:

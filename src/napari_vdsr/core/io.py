@@ -269,19 +269,24 @@ def _read_pillow(p: Path, keep_alpha: bool = True) -> tuple[np.ndarray, dict]:
         return np.asarray(im).copy(), info
 
 
-def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
+def read_image(path: str | os.PathLike, keep_alpha: bool = True, samples_last: bool = True) -> np.ndarray:
     """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes).
 
     PNG / JPEG / ...: turned upright by their EXIF orientation; palette and CMYK images become RGB.
     ``keep_alpha=False`` drops an alpha channel (grey + alpha → grey, RGBA → RGB); otherwise
     grey + alpha becomes RGBA.  16-bit colour PNGs are refused (Pillow reads only 8 bits of them).
+    ``samples_last``: the RGB(A) samples of a TIFF or zarr whose axes put them elsewhere (planar
+    RGB, axes ``SYX``: what tifffile writes for a (3, H, W) array) are moved to the last axis,
+    where every other reader of this package (and napari) expects colour; ``False`` keeps the
+    file's order.
     """
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".zarr" and p.is_dir():
         src = open_image(p)
         try:
-            return np.asarray(src.array[...])
+            arr = np.asarray(src.array[...])
+            return _samples_last(arr, src.axes) if samples_last else arr
         finally:
             src.close()
     if not p.is_file():
@@ -290,7 +295,10 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            return np.asarray(tifffile.imread(p))
+            with tifffile.TiffFile(p) as tf:
+                series = tf.series[0]
+                return _samples_last(np.asarray(series.asarray()), series.axes) if samples_last else np.asarray(
+                    series.asarray())
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
         return _read_pillow(p, keep_alpha)[0]
@@ -298,6 +306,14 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True) -> np.ndarray:
         raise
     except Exception as exc:
         raise InputError(f"{p}: cannot be read as an image ({type(exc).__name__}: {exc}).") from None
+
+
+def _samples_last(arr: np.ndarray, axes: Optional[str]) -> np.ndarray:
+    """``arr`` with its RGB(A) samples axis (``S`` in ``axes``, 3 or 4 long) moved to the end."""
+    ax = (axes or "").upper()
+    if len(ax) != arr.ndim or "S" not in ax or arr.shape[ax.index("S")] not in (3, 4):
+        return arr
+    return np.moveaxis(arr, ax.index("S"), -1)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, **tiff_kwargs) -> Path:
