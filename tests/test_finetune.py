@@ -154,3 +154,75 @@ def test_rgba_alpha_does_not_squeeze_the_colours() -> None:
     b = restore(rgb, task="denoise", model=net, device="cpu", tile=16)
     np.testing.assert_array_equal(a[..., :3], b)  # the colours are restored as without the alpha
     assert (a[..., 3] == 65535).all()
+
+
+@pytest.fixture
+def tif(stack: np.ndarray, tmp_path: Path) -> Path:
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, stack)
+    return path
+
+
+def _ft_cli(tif: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--images", str(tif), "--scale", "2", "--iterations", "4", "--batch-size", "4",
+            "--patch-size", "24", "--val-every", "2", "--val-crop", "64", "--device", "cpu", "--out", str(out),
+            "--quiet", *extra]
+
+
+def test_a_second_finetune_into_the_same_folder_is_refused_and_keeps_the_first(
+        tiny_base: Path, stack: np.ndarray, tif: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    assert cli_main(_ft_cli(tif, out, "--task", "sr", "--from", str(tiny_base))) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".safetensors")}
+    capsys.readouterr()
+    rc = cli_main(_ft_cli(tif, out, "--task", "sr", "--from", str(tiny_base), "--iterations", "8"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a training run" in err and "--resume" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".safetensors")} == before
+    # the API refuses too; resume=True continues the run instead
+    with pytest.raises(TrainingError, match="already holds"):
+        make_finetune_trainer("sr", images=[stack], base_model=str(tiny_base), out=str(out), device="cpu")
+
+
+def test_finetune_resume_keeps_its_base_and_task_and_needs_no_base_file(
+        tiny_base: Path, tif: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ft"
+    assert cli_main(_ft_cli(tif, out, "--task", "denoise", "--from", str(tiny_base))) == 0
+    other = save_model(VDSR(depth=4, width=12), tmp_path / "other.safetensors", {"tasks": ["sr", "denoise"], "name": "o"})
+    capsys.readouterr()
+    # another task, or another base, cannot relabel the run on --resume
+    assert cli_main(_ft_cli(tif, out, "--task", "sr", "--resume", "--iterations", "6")) == 2
+    assert "--task denoise" in capsys.readouterr().err
+    assert cli_main(_ft_cli(tif, out, "--task", "denoise", "--resume", "--from", str(other), "--iterations", "6")) == 2
+    assert "started from" in capsys.readouterr().err
+    # the base file gone: the run still resumes from its checkpoint and its card names the base it started from
+    tiny_base.rename(tmp_path / "moved.safetensors")
+    assert cli_main(_ft_cli(tif, out, "--task", "denoise", "--resume", "--iterations", "6")) == 0
+    card = json.loads((out / "last.json").read_text())
+    assert card["training"]["steps"] == 6 and card["tasks"] == ["denoise"]
+    assert card["finetuned_from"]["path"] == str(tiny_base) and card["finetuned_from"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize("task, option, values, words", [
+    ("sr", "--scale-range", ["0", "0.5"], "within 1..16"),
+    ("sr", "--scale-range", ["-2", "2"], "within 1..16"),
+    ("sr", "--scale-range", ["2", "40"], "within 1..16"),
+    ("denoise", "--sigma-range", ["-10", "5"], "0..255"),
+    ("denoise", "--photon-range", ["0", "5"], "above 0"),
+    ("denoise", "--photon-range", ["-1", "5"], "above 0"),
+])
+def test_out_of_range_degradation_options_are_refused_with_a_message(
+        tiny_base: Path, tif: Path, tmp_path: Path, capsys, task, option, values, words) -> None:
+    rc = cli_main(_ft_cli(tif, tmp_path / "ft", "--task", task, "--from", str(tiny_base), option, *values))
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and option in err, err
+    assert not (tmp_path / "ft" / "checkpoint.pt").exists()
+
+
+def test_out_that_is_a_file_is_refused_with_a_message(tiny_base: Path, tif: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("keep me")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        rc = cli_main(_ft_cli(tif, out, "--task", "sr", "--from", str(tiny_base)))
+        err = capsys.readouterr().err
+        assert rc == 2 and "is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -285,9 +285,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None
     trainer = make_finetune_trainer(
         a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from, scales=cfg.scales,
-        out=a.out, name=cfg.name, **overrides,
+        out=a.out, name=cfg.name, resume=a.resume, **overrides,
     )
-    trainer.resume = a.resume
     trainer.config = _resume_config(trainer.config, a)
     return _run_training(trainer, a.quiet)
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .data import Plane, load_planes, planes_from_array, planes_from_pair
 from .errors import TrainingError
-from .train import TrainConfig, Trainer
-from .weights import TASK_LABELS, default_model_name, load_model
+from .train import CHECKPOINT_NAME, TrainConfig, Trainer
+from .weights import TASK_LABELS, default_model_name, load_model, resolve_model_path
 
 __all__ = ["FINETUNE_DEFAULTS", "make_finetune_trainer"]
 
@@ -20,6 +22,48 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Optional[tuple[str, dict, dict]]:
+    """What a fine-tune resumed in ``out`` started from: (init_from, architecture, finetuned_from).
+
+    None when ``out`` holds no checkpoint (nothing to resume: a fresh start).  The run's own
+    record decides, so ``--resume`` cannot relabel it: another task, or another ``--from`` than
+    the one it started from, is refused.
+    """
+    if not out or not (Path(out) / CHECKPOINT_NAME).is_file():
+        return None
+    run = Path(out)
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # an older run without its recipe: the command line describes it, as before
+    saved_task = cfg.get("task")
+    if saved_task in TASK_LABELS and saved_task != task:
+        raise TrainingError(
+            f"the run in {run} fine-tunes for {TASK_LABELS[saved_task]}, not {TASK_LABELS[task]}; resume it with "
+            f"--task {saved_task}, or fine-tune for {task} into a new --out folder.")
+    init_from = cfg.get("init_from") or ""
+    if base_model and init_from:
+        try:
+            given = resolve_model_path(base_model).resolve()
+        except Exception:  # a base that no longer resolves cannot contradict the run's record
+            given = None
+        if given is not None and given != Path(init_from).resolve():
+            raise TrainingError(
+                f"the run in {run} started from {init_from}, not {given}; leave out --from to resume it (the run "
+                "goes on from its checkpoint), or fine-tune from the other model into a new --out folder.")
+    finetuned_from: dict[str, Any] = {"model": init_from, "path": init_from, "name": None}
+    for card_name in ("last.json", "best.json"):
+        try:
+            earlier = json.loads((run / card_name).read_text()).get("finetuned_from")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(earlier, dict):
+            finetuned_from = earlier
+            break
+    arch = {"depth": cfg.get("depth", 20), "width": cfg.get("width", 64)}
+    return init_from, arch, finetuned_from
+
+
 def make_finetune_trainer(
     task: str,
     images: Optional[Sequence[Any]] = None,
@@ -28,6 +72,7 @@ def make_finetune_trainer(
     scales: Sequence[float] = (2.0,),
     out: Optional[str] = None,
     name: str = "finetuned",
+    resume: bool = False,
     **overrides: Any,
 ) -> Trainer:
     """Build a :class:`Trainer` that fine-tunes ``base_model`` (default: bundled model for ``task``).
@@ -38,6 +83,8 @@ def make_finetune_trainer(
         Clean images or stacks; degradations are synthesised for ``task``.
     pairs : sequence of (degraded, clean)
         Registered pairs for paired training (used instead of ``images``).
+    resume : bool
+        Continue the run in ``out`` from its checkpoint; without it a folder that holds a run is refused.
     overrides
         Any :class:`TrainConfig` field (iterations, batch_size, lr, clip_theta, device, ...).
     """
@@ -45,25 +92,29 @@ def make_finetune_trainer(
         raise TrainingError(f"unknown task {task!r}; choose sr, denoise or deblock.")
     if not images and not pairs:
         raise TrainingError("give clean images (or a degraded/clean pair) to fine-tune on.")
-    base = base_model or default_model_name(task)
-    _, card = load_model(base, task=None)
-    if task not in card.get("tasks", []):
-        raise TrainingError(
-            f"the base model {base!r} was trained for {', '.join(card.get('tasks', []))}, not {TASK_LABELS[task]}; "
-            f"choose a {task} model as the starting point."
-        )
-    arch = card.get("architecture", {})
+    saved = _saved_run(out, task, base_model) if resume else None
+    if saved is not None:  # the run goes on from its checkpoint: the base model file is not needed again
+        init_from, arch, finetuned_from = saved
+    else:
+        base = base_model or default_model_name(task)
+        _, card = load_model(base, task=None)
+        if task not in card.get("tasks", []):
+            raise TrainingError(
+                f"the base model {base!r} was trained for {', '.join(card.get('tasks', []))}, not "
+                f"{TASK_LABELS[task]}; choose a {task} model as the starting point."
+            )
+        init_from, arch = str(card["path"]), card.get("architecture", {})
+        finetuned_from = {"model": str(base), "path": card["path"], "name": card.get("name")}
     params = dict(FINETUNE_DEFAULTS)
     params.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig(task=task, scales=[float(s) for s in scales], init_from=str(card["path"]), out=out, name=name,
+    cfg = TrainConfig(task=task, scales=[float(s) for s in scales], init_from=init_from, out=out, name=name,
                       depth=arch.get("depth", 20), width=arch.get("width", 64), quantize=False, **params)
-    extra = {"finetuned_from": {"model": str(base), "path": card["path"], "name": card.get("name")},
-             "default_for": []}
+    extra = {"finetuned_from": finetuned_from, "default_for": []}
     if pairs:
         pl: list[tuple[Plane, Plane]] = []
         for i, (d, c) in enumerate(pairs):
             pl.extend(planes_from_pair(np.asarray(d), np.asarray(c), task=task, name=f"pair{i}", scales=scales))
-        return Trainer(cfg, pairs=pl, card_extra=extra)
+        return Trainer(cfg, pairs=pl, card_extra=extra, resume=resume)
     planes: list[Plane] = []
     is_path = [isinstance(x, str) or hasattr(x, "__fspath__") for x in images]
     paths = [x for x, p in zip(images, is_path) if p]
@@ -72,4 +123,4 @@ def make_finetune_trainer(
         planes.extend(load_planes(paths))
     for i, a in enumerate(arrays):
         planes.extend(planes_from_array(np.asarray(a), name=f"layer{i}"))
-    return Trainer(cfg, planes=planes, card_extra=extra)
+    return Trainer(cfg, planes=planes, card_extra=extra, resume=resume)

@@ -193,6 +193,14 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{nm} must be (low, high), got {r}")
         if self.quality_range[0] < 1 or self.quality_range[1] > 100:
             raise ValueError("JPEG qualities must be within 1..100")
+        if self.scale_range is not None and not (1 <= self.scale_range[0] and self.scale_range[1] <= 16):
+            raise ValueError(f"scale_range (--scale-range) must lie within 1..16 (1 = same size), got {self.scale_range}")
+        if self.sigma_range[0] < 0 or self.sigma_range[1] > 255:
+            raise ValueError(f"sigma_range (--sigma-range) is on the 0..255 scale of 8-bit images and must lie within "
+                             f"0..255, got {self.sigma_range}")
+        if self.photon_range[0] <= 0:
+            raise ValueError(f"photon_range (--photon-range) counts photons at full scale and must be above 0, got "
+                             f"{self.photon_range}")
         return self
 
     def levels(self) -> tuple[Optional[list[float]], Optional[tuple[float, float]]]:
@@ -457,6 +465,33 @@ class BatchPrefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: files a run writes into its folder that a new run there would overwrite
+_RUN_FILES = (CHECKPOINT_NAME, "last.safetensors", "best.safetensors")
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse a run folder that is a file, or that holds another run when not resuming.
+
+    A new run in the folder of an earlier one would overwrite its checkpoint and weights at its
+    first save (the earlier run's last checkpoint lost); ``resume`` continues it instead.
+    """
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out} is a file, not a folder; give --out (config.out) the name of a run folder "
+                            "(it is created when missing).")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainingError(f"{parent} is a file, so {out} cannot be made; choose another --out folder.")
+            break
+    if resume or not out.is_dir():
+        return
+    found = [n for n in _RUN_FILES if (out / n).exists()]
+    if found:
+        raise TrainingError(
+            f"{out} already holds a training run ({', '.join(found)}); a new run there would overwrite it. Pass "
+            "--resume (resume=True) to continue that run, or give a new --out folder (or delete the old one).")
+
+
 class Trainer:
     """One training run.  Iterate :meth:`run` (or call :func:`train`) to make progress.
 
@@ -494,6 +529,8 @@ class Trainer:
         self._val_planes = val_planes
         self._pairs = pairs
         self.out = Path(config.out) if config.out else None
+        if self.out is not None:
+            _check_run_dir(self.out, resume)
         self.best_path: Optional[Path] = None
         self.val_restart = ""  # set when a resume validates differently from its checkpoint
         self.data_notes: list[str] = []  # images left out of training or validation, for the start message
@@ -653,6 +690,8 @@ class Trainer:
             self._best_exported_after_checkpoint()
             self.compute_seconds = float(ck.get("compute_seconds", 0.0))
             self.earlier_legs = ck.get("earlier_legs")
+            if isinstance(ck.get("card_extra"), dict):  # the run's own labels (a fine-tune's base) go on
+                self.card_extra = {**self.card_extra, **ck["card_extra"]}
             if ck.get("base_state") is not None:
                 self.base_state = ck["base_state"]
         elif cfg.start_step:
@@ -872,6 +911,7 @@ class Trainer:
             "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
             "ema_updates": self.ema_updates,
             "val_fingerprint": self.val_fingerprint,
+            "card_extra": self.card_extra,
             "format": "napari-vdsr-checkpoint/1",
         }
         path = self.out / CHECKPOINT_NAME
