@@ -226,3 +226,45 @@ def test_out_that_is_a_file_is_refused_with_a_message(tiny_base: Path, tif: Path
         err = capsys.readouterr().err
         assert rc == 2 and "is a file" in err, err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_api_takes_one_image_one_pair_one_scale_and_paths(tiny_base: Path, stack: np.ndarray, tif: Path,
+                                                          tmp_path: Path) -> None:
+    kw = dict(base_model=str(tiny_base), iterations=1, batch_size=2, patch_size=24, val_every=1, val_crop=64,
+              device="cpu")
+    # one array, one path: every plane of the stack trains (not its rows, not the path's characters)
+    for images in (stack, tif, str(tif)):
+        tr = make_finetune_trainer("sr", images=images, scales=2, **kw)
+        tr._setup()  # reads and splits the planes, as run() does first
+        assert tr.n_train_planes + tr.n_val_planes == stack.shape[0], images
+        assert tr.config.scales == [2.0]
+    # one (degraded, clean) pair given as a tuple, as arrays or as paths
+    clean = synthetic_cells((2, 64, 64), seed=3)
+    noisy = np.clip(clean.astype(np.int64) + 500, 0, 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy)
+    tifffile.imwrite(tmp_path / "clean.tif", clean)
+    for pair in ((noisy, clean), (tmp_path / "noisy.tif", tmp_path / "clean.tif")):
+        tr = make_finetune_trainer("denoise", pairs=pair, **kw)
+        tr._setup()
+        assert tr.n_train_planes + tr.n_val_planes == 2
+    with pytest.raises(TrainingError, match="not a \\(degraded, clean\\) pair"):
+        make_finetune_trainer("denoise", pairs=[noisy, clean, clean], **kw)
+
+
+def test_pairs_that_cannot_train_right_are_refused(tiny_base: Path, tif: Path, tmp_path: Path, capsys) -> None:
+    clean = synthetic_cells((2, 64, 64), seed=3)
+    kw = dict(base_model=str(tiny_base), iterations=1, batch_size=2, patch_size=24, device="cpu")
+    bad = clean.astype(np.float32)
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(TrainingError, match="clean image contains NaN"):
+        make_finetune_trainer("denoise", pairs=[(clean.astype(np.float32), bad)], **kw)
+    # an 8-bit degraded image with a 16-bit clean one: the clean one would be scaled by 1/255
+    with pytest.raises(TrainingError, match="uint8 and the clean image uint16"):
+        make_finetune_trainer("denoise", pairs=[((clean // 257).astype(np.uint8), clean)], **kw)
+    with pytest.raises(TrainingError, match="used as they are"):
+        list(make_finetune_trainer("denoise", pairs=[(clean, clean)], prescale=[2.0], **kw).run())
+    tifffile.imwrite(tmp_path / "clean.tif", clean)
+    with pytest.raises(SystemExit, match="not both"):
+        cli_main(_ft_cli(tif, tmp_path / "ft", "--task", "denoise", "--from", str(tiny_base), "--pairs",
+                         str(tmp_path / "clean.tif"), str(tmp_path / "clean.tif")))
+    assert not (tmp_path / "ft").exists()

@@ -280,6 +280,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     if not a.images and not a.pairs:
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
+    if a.images and a.pairs:
+        raise SystemExit("napari-vdsr finetune: give either --images (clean images, degraded on the fly) or --pairs "
+                         "DEGRADED CLEAN, not both")
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(exclude=_FINETUNE_OWN)
     pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None

@@ -323,8 +323,14 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
     deg, cln = np.asarray(degraded), np.asarray(clean)
     check_dtype(deg.dtype)
     check_dtype(cln.dtype)
-    if deg.dtype.kind == "f" and not np.all(np.isfinite(deg)):
-        raise TrainingError(f"{name}: the degraded image contains NaN or infinite values; clean it first.")
+    for what, arr in (("degraded", deg), ("clean", cln)):
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise TrainingError(f"{name}: the {what} image contains NaN or infinite values; clean it first.")
+    if deg.dtype != cln.dtype and not (deg.dtype.kind == cln.dtype.kind == "f"):
+        raise TrainingError(
+            f"{name}: the degraded image is {deg.dtype} and the clean image {cln.dtype}; both are mapped to the "
+            "network's range with the degraded image's intensities, so save them with the same data type (the "
+            "type the images to restore will have).")
     if rgb is None:
         rgb = (deg.ndim >= 3 and cln.ndim == deg.ndim and deg.shape[-1] in (3, 4) and cln.shape[-1] == deg.shape[-1]
                and deg.shape[-2] > 4)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .data import Plane, load_planes, planes_from_array, planes_from_pair
 from .errors import TrainingError
+from .io import read_image
 from .train import CHECKPOINT_NAME, TrainConfig, Trainer
 from .weights import TASK_LABELS, default_model_name, load_model, resolve_model_path
 
@@ -20,6 +21,31 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
     iterations=300, batch_size=16, patch_size=41, optimizer="adam", lr=5e-5, lr_schedule="cosine",
     lr_gamma=0.1, clip_theta=None, weight_decay=0.0, val_fraction=0.2, val_every=50, val_crop=128,
 )
+
+
+def _is_path(x: Any) -> bool:
+    return isinstance(x, str) or hasattr(x, "__fspath__")
+
+
+def _as_lists(images: Any, pairs: Any, scales: Any) -> tuple[list, list, list[float]]:
+    """The API's arguments as lists: one image (an array or a path) instead of a sequence of them,
+    one (degraded, clean) pair instead of a list of pairs, one scale instead of a list."""
+    if images is None:
+        images = []
+    elif isinstance(images, np.ndarray) or _is_path(images) or hasattr(images, "__array__"):
+        images = [images]
+    if pairs is None:
+        pairs = []
+    elif isinstance(pairs, tuple) and len(pairs) == 2 and all(
+            _is_path(x) or isinstance(x, np.ndarray) or hasattr(x, "__array__") for x in pairs):
+        pairs = [pairs]
+    pairs = list(pairs)
+    for i, pair in enumerate(pairs):
+        if _is_path(pair) or isinstance(pair, np.ndarray) or len(pair) != 2:
+            raise TrainingError(f"pairs[{i}] is not a (degraded, clean) pair; give pairs=[(degraded, clean), ...] "
+                                "with two arrays or two image paths each.")
+    scales = [scales] if isinstance(scales, (int, float, np.number)) else list(scales)
+    return list(images), pairs, [float(x) for x in scales]
 
 
 def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Optional[tuple[str, dict, dict]]:
@@ -79,10 +105,12 @@ def make_finetune_trainer(
 
     Parameters
     ----------
-    images : sequence of arrays or paths
+    images : array or path, or a sequence of them
         Clean images or stacks; degradations are synthesised for ``task``.
-    pairs : sequence of (degraded, clean)
-        Registered pairs for paired training (used instead of ``images``).
+    pairs : (degraded, clean), or a sequence of such pairs
+        Registered pairs (arrays or image paths) for paired training (used instead of ``images``).
+    scales : float or sequence of floats
+        SR factors to train (SR only).
     resume : bool
         Continue the run in ``out`` from its checkpoint; without it a folder that holds a run is refused.
     overrides
@@ -90,6 +118,7 @@ def make_finetune_trainer(
     """
     if task not in TASK_LABELS:
         raise TrainingError(f"unknown task {task!r}; choose sr, denoise or deblock.")
+    images, pairs, scales = _as_lists(images, pairs, scales)
     if not images and not pairs:
         raise TrainingError("give clean images (or a degraded/clean pair) to fine-tune on.")
     saved = _saved_run(out, task, base_model) if resume else None
@@ -113,10 +142,11 @@ def make_finetune_trainer(
     if pairs:
         pl: list[tuple[Plane, Plane]] = []
         for i, (d, c) in enumerate(pairs):
-            pl.extend(planes_from_pair(np.asarray(d), np.asarray(c), task=task, name=f"pair{i}", scales=scales))
+            d, c = (read_image(x) if _is_path(x) else np.asarray(x) for x in (d, c))
+            pl.extend(planes_from_pair(d, c, task=task, name=f"pair{i}", scales=scales))
         return Trainer(cfg, pairs=pl, card_extra=extra, resume=resume)
     planes: list[Plane] = []
-    is_path = [isinstance(x, str) or hasattr(x, "__fspath__") for x in images]
+    is_path = [_is_path(x) for x in images]
     paths = [x for x, p in zip(images, is_path) if p]
     arrays = [x for x, p in zip(images, is_path) if not p]
     if paths:

@@ -576,6 +576,10 @@ class Trainer:
             if cfg.val_data:
                 raise TrainingError("val_data (--val-data) is for training on clean images; with (degraded, clean) "
                                     "pairs the validation is a held-out part of the pairs (val_fraction).")
+            if cfg.prescale != [1.0] or cfg.val_prescale not in (None, 1.0):
+                raise TrainingError("prescale / val_prescale (--prescale, --val-prescale) shrink clean images before "
+                                    "they are degraded; (degraded, clean) pairs are used as they are, so leave "
+                                    "them out (or give clean images instead of pairs).")
 
             train_pairs, val_pairs = split_pairs(self._pairs, cfg.val_fraction)
             self.sampler = PairSampler(train_pairs, cfg.patch_size)
