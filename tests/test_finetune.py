@@ -268,3 +268,42 @@ def test_pairs_that_cannot_train_right_are_refused(tiny_base: Path, tif: Path, t
         cli_main(_ft_cli(tif, tmp_path / "ft", "--task", "denoise", "--from", str(tiny_base), "--pairs",
                          str(tmp_path / "clean.tif"), str(tmp_path / "clean.tif")))
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_constant_validation_plane_leaves_strict_json(tiny_base: Path, tmp_path: Path) -> None:
+    planes = synthetic_cells((4, 96, 96), seed=4)
+    planes[:] = 1000  # bicubic restores a constant plane exactly: its PSNR is infinite
+    planes[:, 0, 0] = 0  # (a range to map, outside the validation's central crop)
+    out = tmp_path / "ft"
+    list(make_finetune_trainer("sr", images=[planes], base_model=str(tiny_base), out=str(out), iterations=2,
+                               batch_size=2, patch_size=24, val_every=1, val_crop=32, val_fraction=0.25,
+                               device="cpu").run())
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+
+    for card in ("best.json", "last.json"):
+        assert strict((out / card).read_text())["tasks"] == ["sr"]
+    assert [strict(line)["kind"] for line in (out / "log.jsonl").read_text().splitlines()][-1] == "done"
+    assert card_of(out)["metrics"]["validation"]["baseline_psnr"] is None
+
+
+def card_of(run: Path) -> dict:
+    return load_model(run, task="sr")[1]
+
+
+def test_cli_says_when_the_finetune_validates_below_its_base(tiny_base: Path, tif: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    # lr 0.05 with Adam wrecks the weights in a few steps: the CLI must say the result is worse than the base
+    rc = cli_main(_ft_cli(tif, tmp_path / "ft", "--task", "sr", "--from", str(tiny_base), "--lr", "0.05",
+                          "--iterations", "6", "--warmup", "0"))
+    err = capsys.readouterr().err
+    card = json.loads((tmp_path / "ft" / "best.json").read_text())["metrics"]["validation"]
+    assert rc == 0 and card["psnr"] < card["base_model_psnr"], card
+    assert "below the model this run started from" in err
+    # a good fine-tune does not get the note
+    rc = cli_main(_ft_cli(tif, tmp_path / "ft2", "--task", "sr", "--from", str(tiny_base), "--lr", "1e-3",
+                          "--iterations", "30", "--val-every", "10"))
+    err = capsys.readouterr().err
+    card = json.loads((tmp_path / "ft2" / "best.json").read_text())["metrics"]["validation"]
+    assert rc == 0 and card["psnr"] > card["base_model_psnr"] and "below the model" not in err, card

@@ -243,12 +243,14 @@ def _run_training(trainer, quiet: bool) -> int:
 def _consume_training(trainer, quiet: bool, tqdm) -> int:
     bar = None
     last_val = ""
+    base_psnr = None  # the starting weights' validation PSNR (fine-tunes and runs from --from)
     for ev in trainer.run():
         if not getattr(trainer, "is_main", True):
             continue  # torchrun: the other processes train in step with the first, which alone reports and saves
         if ev.kind == "start":
             print(f"napari-vdsr: {ev.message}", file=sys.stderr)
             if ev.val_base_model_psnr is not None:
+                base_psnr = ev.val_base_model_psnr
                 print(f"  base model validation PSNR {ev.val_base_model_psnr:.3f} dB", file=sys.stderr)
             bar = tqdm(total=ev.total, initial=ev.step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
         elif ev.kind == "step" and bar is not None:
@@ -264,6 +266,10 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
                 bar.close()
             print(f"napari-vdsr: {ev.message}; best validation PSNR "
                   f"{'%.3f dB' % ev.best_psnr if ev.best_psnr is not None else 'n/a'}; model: {ev.path}", file=sys.stderr)
+            if base_psnr is not None and ev.best_psnr is not None and ev.best_psnr < base_psnr:
+                print(f"napari-vdsr: note: the best weights validate {base_psnr - ev.best_psnr:.3f} dB below the model "
+                      f"this run started from ({base_psnr:.3f} dB): keep using that model, or try a lower --lr, more "
+                      "images or more --iterations.", file=sys.stderr)
     return 0
 
 

@@ -965,12 +965,14 @@ class Trainer:
         return save_model(self.result_model, self.out / f"{name}.safetensors", self.card(metrics))
 
     def _log(self, ev: TrainEvent) -> None:
+        from .weights import json_safe
+
         d = ev.to_dict()
         self.history.append(d)
         if self.out and self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(d) + "\n")
+                fh.write(json.dumps(json_safe(d), default=str) + "\n")
 
     # ------------------------------------------------------------------ loop
     def run(self) -> Iterator[TrainEvent]:

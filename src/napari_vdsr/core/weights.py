@@ -76,6 +76,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no Infinity: a PSNR of
+    identical images, e.g. a constant validation plane, would otherwise make the file unreadable
+    to strict parsers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def save_model(model: VDSR, path: str | os.PathLike, card: dict[str, Any]) -> Path:
     """Write ``model`` as ``path`` (.safetensors) plus its JSON card; return the safetensors path.
 
@@ -94,8 +107,9 @@ def save_model(model: VDSR, path: str | os.PathLike, card: dict[str, Any]) -> Pa
     card["architecture"] = {"name": "VDSR", **model.config}
     card.setdefault("format", "napari-vdsr/1")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    text = json.dumps(card, indent=2, sort_keys=False, default=str)
-    _atomic_write_bytes(path, save(state, metadata={_META_KEY: json.dumps(card, default=str)}))
+    card = json_safe(card)
+    text = json.dumps(card, indent=2, sort_keys=False, default=str, allow_nan=False)
+    _atomic_write_bytes(path, save(state, metadata={_META_KEY: json.dumps(card, default=str, allow_nan=False)}))
     _atomic_write_bytes(path.with_suffix(".json"), (text + "\n").encode())
     return path
 
