@@ -307,3 +307,19 @@ def test_cli_says_when_the_finetune_validates_below_its_base(tiny_base: Path, ti
     err = capsys.readouterr().err
     card = json.loads((tmp_path / "ft2" / "best.json").read_text())["metrics"]["validation"]
     assert rc == 0 and card["psnr"] > card["base_model_psnr"] and "below the model" not in err, card
+
+
+def test_tiffs_read_other_than_a_user_may_think_are_named_in_a_warning(tmp_path: Path) -> None:
+    from napari_vdsr.core.data import load_planes
+
+    planes = synthetic_cells((3, 64, 64), seed=5)
+    with pytest.warns(DeprecationWarning):  # tifffile stores a (3, H, W) array as planar RGB
+        tifffile.imwrite(tmp_path / "three.tif", planes)
+    with pytest.warns(UserWarning, match="read as one colour image.*photometric='minisblack'"):
+        assert len(load_planes([str(tmp_path / "three.tif")])) == 1  # one colour image (its luminance)
+    tifffile.imwrite(tmp_path / "three-mono.tif", planes, photometric="minisblack")
+    with tifffile.TiffWriter(tmp_path / "two-series.tif") as tw:
+        tw.write(planes, photometric="minisblack")
+        tw.write(planes[:, :32, :32], photometric="minisblack")
+    with pytest.warns(UserWarning, match="holds 2 image series; only the first"):
+        assert len(load_planes([str(tmp_path / "three-mono.tif"), str(tmp_path / "two-series.tif")])) == 6

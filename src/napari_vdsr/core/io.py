@@ -17,6 +17,7 @@ that streams a large file through it stays bounded.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -297,8 +298,20 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True, samples_last: b
 
             with tifffile.TiffFile(p) as tf:
                 series = tf.series[0]
-                return _samples_last(np.asarray(series.asarray()), series.axes) if samples_last else np.asarray(
-                    series.asarray())
+                if len(tf.series) > 1:
+                    warnings.warn(f"{p.name} holds {len(tf.series)} image series; only the first ({series.axes} "
+                                  f"{tuple(series.shape)}) is read. Save each series you need as its own file.",
+                                  UserWarning, stacklevel=2)
+                arr = np.asarray(series.asarray())
+                if not samples_last:
+                    return arr
+                ax = (series.axes or "").upper()
+                if "S" in ax and ax.index("S") != len(ax) - 1 and arr.dtype != np.uint8 and len(ax) == arr.ndim:
+                    warnings.warn(
+                        f"{p.name} is stored as {arr.dtype} RGB with separate planes (axes {ax}), so it is read as "
+                        "one colour image. If its planes are a stack or channels, save it again with "
+                        "tifffile.imwrite(..., photometric='minisblack').", UserWarning, stacklevel=2)
+                return _samples_last(arr, series.axes)
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
         return _read_pillow(p, keep_alpha)[0]
@@ -463,8 +476,6 @@ def _open_tiff(p: Path) -> ImageSource:
     try:
         series = tf.series[0]
         if len(tf.series) > 1:  # pyramid levels are one series; these are other images (positions, labels)
-            import warnings
-
             others = ", ".join(str(tuple(s.shape)) for s in tf.series[1:4]) + (" ..." if len(tf.series) > 4 else "")
             warnings.warn(
                 f"{p.name} holds {len(tf.series)} image series; only the first, {tuple(series.shape)}, is restored "
