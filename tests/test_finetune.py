@@ -323,3 +323,16 @@ def test_tiffs_read_other_than_a_user_may_think_are_named_in_a_warning(tmp_path:
         tw.write(planes[:, :32, :32], photometric="minisblack")
     with pytest.warns(UserWarning, match="holds 2 image series; only the first"):
         assert len(load_planes([str(tmp_path / "three-mono.tif"), str(tmp_path / "two-series.tif")])) == 6
+
+
+def test_resume_past_the_iterations_says_nothing_was_trained(tiny_base: Path, tif: Path, tmp_path: Path,
+                                                             capsys, monkeypatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert cli_main(_ft_cli(tif, Path("."), "--task", "sr", "--from", str(tiny_base))) == 0
+    assert json.loads(Path("last.json").read_text())["name"] == "here"  # "--out ." names the folder, not ""
+    capsys.readouterr()
+    assert cli_main(_ft_cli(tif, Path("."), "--task", "sr", "--resume", "--iterations", "2")) == 0
+    err = capsys.readouterr().err
+    assert "already at step 4 of 2: nothing to train" in err and "nothing trained" in err and "4/2" not in err
+    assert json.loads(Path("last.json").read_text())["training"]["steps"] == 4

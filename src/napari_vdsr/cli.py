@@ -142,7 +142,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     kw["val_data"] = [str(x) for x in kw["val_data"]]
     if finetune:
         kw["scales"] = kw["scales"] or [2.0]
-    kw["name"] = a.name or Path(a.out).name
+    kw["name"] = a.name or Path(a.out).resolve().name or "vdsr"  # "--out ." names the folder
     return TrainConfig(**kw)
 
 

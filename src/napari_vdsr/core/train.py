@@ -1006,6 +1006,8 @@ class Trainer:
             + ((f", resumed at step {self.step}" if self.resumed else f", continuing from step {self.step}")
                if self.step else "")
             + (f"; {self.val_restart}" if self.val_restart else "")
+            + (f"; the run is already at step {self.step} of {total}: nothing to train (give a larger "
+               "--iterations to go on)" if self.resumed and self.step >= total else "")
             + "".join(f"; {note}" for note in self.data_notes)
         ), val_base_model_psnr=base_model_psnr, device=device_name(self.device), batch=cfg.batch_size)
         self._log(start)
@@ -1080,7 +1082,8 @@ class Trainer:
         kind = "stopped" if self.step < total else "done"
         end = TrainEvent(kind, self.step, total, best_psnr=self.best if math.isfinite(self.best) else None,
                          elapsed=time.monotonic() - t0, path=str(self.best_path) if self.best_path else (str(p) if p else None),
-                         message=f"{kind} at step {self.step}/{total}")
+                         message=f"{kind} at step {self.step}/{total}" if self.step <= total else
+                         f"{kind}: nothing trained, the run was already at step {self.step}, past {total}")
         self._log(end)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
