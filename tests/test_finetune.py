@@ -336,3 +336,13 @@ def test_resume_past_the_iterations_says_nothing_was_trained(tiny_base: Path, ti
     err = capsys.readouterr().err
     assert "already at step 4 of 2: nothing to train" in err and "nothing trained" in err and "4/2" not in err
     assert json.loads(Path("last.json").read_text())["training"]["steps"] == 4
+
+
+def test_two_channels_last_train_as_two_planes_not_as_slivers() -> None:
+    from napari_vdsr.core.data import planes_from_array
+
+    two = np.stack([synthetic_cells((1, 64, 80), seed=s)[0] for s in (6, 7)], axis=-1)  # (64, 80, 2): YXC
+    planes = planes_from_array(two, name="yxc")
+    assert [p.data.shape for p in planes] == [(64, 80), (64, 80)]
+    lo, hi = two.min(), two.max()
+    np.testing.assert_allclose(planes[1].data, (two[..., 1] - lo) / (hi - lo), atol=1e-6)

@@ -28,8 +28,8 @@ class Plane:
 def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = None) -> list[Plane]:
     """Split an image or stack into 2-D [0, 1] planes.
 
-    RGB(A) images (last axis 3 or 4, uint8) give their luminance Y/255; every
-    other leading axis (Z, T, C) gives one plane per index.  uint8 data are
+    RGB(A) images (last axis 3 or 4, uint8) give their luminance Y/255; a last axis of 1 or 2
+    (channels last) and every other leading axis (Z, T, C) give one plane per index.  uint8 data are
     divided by 255, other data scaled by their min and max.
     """
     from .color import rgb_to_y
@@ -43,6 +43,8 @@ def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = N
         raise TrainingError(f"{name}: contains NaN or infinite values; clean it first.")
     if rgb is None:
         rgb = arr.ndim >= 3 and arr.shape[-1] in (3, 4) and arr.shape[-2] > 4
+    if not rgb and arr.ndim >= 3 and arr.shape[-1] in (1, 2) and arr.shape[-2] > 4:
+        arr = np.moveaxis(arr, -1, 0)  # channels last (YXC with 1 or 2 channels): one plane per channel
     if rgb:
         rgb_arr = arr[..., :3].astype(np.float32)
         if arr.dtype != np.uint8:
