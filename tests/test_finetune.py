@@ -67,6 +67,10 @@ def test_mismatched_pair(tiny_base: Path) -> None:
     with pytest.raises(TrainingError, match="do not match"):
         make_finetune_trainer("sr", pairs=[(np.zeros((2, 50, 50), np.uint8), np.zeros((3, 100, 100), np.uint8))],
                               base_model=str(tiny_base))
+    # an SR pair given high-resolution first: say which order is expected
+    with pytest.raises(TrainingError, match="low-resolution image first"):
+        make_finetune_trainer("sr", pairs=[(np.zeros((100, 100), np.uint8), np.zeros((50, 50), np.uint8))],
+                              base_model=str(tiny_base))
 
 
 def test_base_model_for_another_task(tiny_base: Path, stack: np.ndarray) -> None:

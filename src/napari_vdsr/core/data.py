@@ -350,6 +350,12 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
             "a low-resolution image that is an exact fraction of the clean one)."
         )
     if d.shape[-2:] != c.shape[-2:]:
+        if task == "sr" and c.shape[-2] <= d.shape[-2] and c.shape[-1] <= d.shape[-1]:
+            raise TrainingError(
+                f"{name}: the clean image {cln.shape} is smaller than the degraded one {deg.shape}; for "
+                "super-resolution give the low-resolution image first and the high-resolution one second "
+                "(--pairs LOW HIGH)."
+            )
         if task != "sr" or c.shape[-2] < d.shape[-2] or c.shape[-1] < d.shape[-1]:
             raise TrainingError(
                 f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} differ in size; "
