@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", default=None, help="override the tasks listed in the card")
     ap.add_argument("--benchmarks", default=None, help="JSON with benchmark metrics to store in the card")
     ap.add_argument("--note", default="")
+    ap.add_argument("--dir", default=None, help="folder to write the model into (default: the package's weights)")
     ap.add_argument("--compute-note", default="", help="e.g. 'CPU, 2 cores (this project's dev machine)'")
     ap.add_argument("--batch-by-leg", default=None, metavar="JSON",
                     help='batch of each leg, e.g. \'{"0-29441": 32, "29441-55324": 64, "55324-140000": 32}\', for runs '
@@ -77,7 +78,7 @@ def main() -> None:
         card["note"] = a.note
     if a.compute_note:
         card.setdefault("training", {})["compute_note"] = a.compute_note
-    out = save_model(model, BUNDLED_DIR / f"{a.name}.safetensors", card)
+    out = save_model(model, Path(a.dir or BUNDLED_DIR) / f"{a.name}.safetensors", card)
     print(f"bundled {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

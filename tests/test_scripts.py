@@ -248,3 +248,44 @@ def test_gpu_session_second_call_resumes_a_run_it_started_from_weights(tmp_path:
     assert "--resume" in second and "--from" not in second
     assert second[second.index("--out") + 1] == "gpu-runs/denoise"
     assert (tmp_path / "out" / "denoise.tar").is_file()  # packed for the trip back
+
+
+def test_refresh_resume_point_bundles_and_commits_only_newer_weights(tmp_path: Path) -> None:
+    """The resume point in the package follows the run's best weights, committed alone, never backwards."""
+    import shutil
+    import subprocess
+
+    from napari_vdsr.core.weights import load_model
+
+    refresh = load_benchmark_script("refresh_resume_point", "scripts")
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(root / "scripts" / "sr_cycle.json", repo / "scripts" / "sr_cycle.json")
+    cycle = json.loads((repo / "scripts" / "sr_cycle.json").read_text())
+    weights = repo / "src" / "napari_vdsr" / "weights"
+    weights.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "config", "user.name", "t"], cwd=repo, check=True)  # the commits need an identity
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=repo, check=True)
+    (repo / "other.txt").write_text("a file of someone else's")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "init"], cwd=repo, check=True)
+    (repo / "other.txt").write_text("edited, not to be committed by the refresh")
+    subprocess.run(["git", "add", "other.txt"], cwd=repo, check=True)
+    assert refresh.refresh(commit=True, root=repo) is False  # no run yet
+    run = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2"]])
+    shutil.copytree(run, repo / "runs" / cycle["run"])
+    assert refresh.refresh(commit=True, root=repo) is True
+    _, card = load_model(str(weights / f"{cycle['resume_point']}.safetensors"))
+    step = json.loads((repo / "runs" / cycle["run"] / "best.json").read_text())["training"]["steps"]
+    assert card["training"]["steps"] == step and card["default_for"] == []
+    assert f"--start-step {step}" in card["note"] and cycle["rule"] in card["note"]
+    shown = subprocess.run(["git", "show", "--name-only", "--format=%s", "HEAD"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    assert f"refreshed to step {step}" in shown and "other.txt" not in shown
+    assert sorted(shown.split()[-2:]) == sorted(f"src/napari_vdsr/weights/{cycle['resume_point']}{e}"
+                                                for e in (".json", ".safetensors"))
+    status = subprocess.run(["git", "status", "--short"], cwd=repo, capture_output=True, text=True).stdout
+    assert "M  other.txt" in status  # still staged, not committed
+    assert refresh.refresh(commit=True, root=repo) is False  # the same step again: nothing to do

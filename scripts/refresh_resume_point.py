@@ -1,0 +1,93 @@
+"""Refresh the SR cycle's resume point in the package from its run, and optionally commit it.
+
+    python scripts/refresh_resume_point.py [--commit] [--every MINUTES]
+
+Reads scripts/sr_cycle.json; when ``runs/<run>/best.safetensors`` (the run's best-validated EMA
+weights) is at a later step than the package's ``<resume_point>`` model, re-bundles it under that
+name with ``scripts/bundle_model.py`` (not a default) and, with ``--commit``, commits only those two
+files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
+without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
+Sessions 17-19 trained 12,000 steps of the fourth cycle and lost them with ``runs/`` because the
+resume point was refreshed only at a session's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def card_step(card_path: Path) -> int:
+    """The training step a model card records (-1 when there is no card)."""
+    if not card_path.is_file():
+        return -1
+    c = json.loads(card_path.read_text())
+    return int(c.get("training", {}).get("steps") or c.get("metrics", {}).get("validation", {}).get("step") or -1)
+
+
+def note_for(cycle: dict, step: int, val: dict) -> str:
+    per = val.get("per_level") or {}
+    scales = ", ".join(f"x{k} {v:.3f}" for k, v in sorted(per.items()))
+    psnr = val.get("psnr")
+    return (f"Resume point of the SR cycle in progress (runs/{cycle['run']}, scripts/sr_cycle.json), not a default: "
+            f"the run's best-validated EMA weights, step {step:,} (lr schedule: 1e-4 to step {cycle['decay_start']:,}, "
+            f"cosine to 1e-6 at {cycle['iterations']:,}; --ema 0.999). Photos (training's validation) "
+            + (f"{psnr:.3f} ({scales})" if psnr is not None else "not measured")
+            + f". By the rule fixed before the cycle ran (docs/training.md, '{cycle['rule']}') only its last weights "
+            f"at step {cycle['iterations']:,} may replace the default. Without runs/, scripts/train_bundled.sh sr "
+            f"continues from these weights (--from this model --start-step {step} --warmup 1000; Adam restarts). "
+            "Refreshed by scripts/refresh_resume_point.py while the run trained.")
+
+
+def refresh(commit: bool, root: Path = ROOT) -> bool:
+    """Re-bundle the run's best weights as the resume point when they are newer; True when it did."""
+    weights = root / "src" / "napari_vdsr" / "weights"
+    cycle = json.loads((root / "scripts" / "sr_cycle.json").read_text())
+    best = root / "runs" / cycle["run"] / "best.safetensors"
+    name = cycle["resume_point"]
+    if not best.is_file():
+        print(f"refresh_resume_point: no {best.relative_to(root)} yet", flush=True)
+        return False
+    step, have = card_step(best.with_suffix(".json")), card_step(weights / f"{name}.json")
+    if step <= have:
+        print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to do",
+              flush=True)
+        return False
+    val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
+                    "--note", note_for(cycle, step, val), "--dir", str(weights)], check=True, cwd=root)
+    if commit:
+        files = [str((weights / f"{name}{ext}").relative_to(root)) for ext in (".safetensors", ".json")]
+        subprocess.run(["git", "add", *files], check=True, cwd=root)
+        psnr = val.get("psnr")
+        msg = (f"Resume point {name} refreshed to step {step:,} of runs/{cycle['run']}"
+               + (f" (photos validation {psnr:.3f})" if psnr is not None else ""))
+        r = subprocess.run(["git", "commit", "-q", "--only", "-m", msg, *files], cwd=root)
+        print(f"refresh_resume_point: {'committed' if r.returncode == 0 else 'commit failed (retry next time)'}: "
+              f"{msg}", flush=True)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--commit", action="store_true", help="commit the refreshed files (only those)")
+    ap.add_argument("--every", type=float, default=None, metavar="MINUTES", help="repeat every so many minutes")
+    a = ap.parse_args()
+    while True:
+        try:
+            refresh(a.commit)
+        except subprocess.CalledProcessError as e:  # a failed bundle (e.g. the file mid-write) is tried again later
+            print(f"refresh_resume_point: failed ({e}); trying again next time", flush=True)
+        if a.every is None:
+            break
+        time.sleep(a.every * 60)
+
+
+if __name__ == "__main__":
+    main()
