@@ -961,3 +961,29 @@ def test_a_planar_rgb_tiff_trains_as_colour_like_predict_reads_it(tmp_path: Path
     # a grey stack of three planes stays three planes
     tifffile.imwrite(tmp_path / "stack.tif", np.moveaxis(rgb, -1, 0), photometric="minisblack")
     assert len(load_planes([tmp_path / "stack.tif"])) == 3
+
+
+def test_a_second_process_on_a_running_folder_is_refused_and_the_first_keeps_its_checkpoint(
+        image_dir: Path, tmp_path: Path) -> None:
+    """Two runs writing one folder would overwrite each other's checkpoint: the second is refused while
+    the first holds the folder, and may go on once it has ended."""
+    out = tmp_path / "run"
+    list(train(_cfg(out, [str(image_dir)], iterations=2)))
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    # another process (here: this one, through a separate open file) is training in the folder
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from napari_vdsr.core.train import lock_run_dir\n"
+        "lock = lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)"), str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainingError, match=r"another training process .*pid %d" % child.pid):
+            list(train(_cfg(out, [str(image_dir)], iterations=4), resume=True))
+        assert (out / CHECKPOINT_NAME).read_bytes() == before
+        assert cli_main(["train", "--data", str(image_dir), "--out", str(out), "--resume", "--iterations", "4",
+                         "--quiet", "--device", "cpu"]) != 0
+    finally:
+        child.kill()
+        child.wait()
+    list(train(_cfg(out, [str(image_dir)], iterations=4), resume=True))  # the folder is free again
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4

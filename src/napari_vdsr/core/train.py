@@ -492,6 +492,41 @@ def _check_run_dir(out: Path, resume: bool) -> None:
             "--resume (resume=True) to continue that run, or give a new --out folder (or delete the old one).")
 
 
+#: the file a running process holds (an advisory lock) in its run folder
+LOCK_NAME = ".training.lock"
+
+
+def lock_run_dir(out: Path) -> Optional[Any]:
+    """Hold the run folder ``out`` for this process; raise :class:`TrainingError` when another holds it.
+
+    Two processes training into one folder would overwrite each other's checkpoint and weights.
+    The lock is the operating system's (``flock``), so it ends with its process, a crash included;
+    its file holds the process id for the message. Returns the open lock file (close it to
+    release), or None where there is no ``fcntl`` (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise TrainingError(
+            f"another training process (pid {holder}) is writing {out}; a second run there would overwrite its "
+            "checkpoint. Wait for it to end (or stop it: Ctrl-C saves its checkpoint), or give another --out folder."
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 class Trainer:
     """One training run.  Iterate :meth:`run` (or call :func:`train`) to make progress.
 
@@ -537,6 +572,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._earlier_log: list[dict[str, Any]] = []  # log.jsonl as it was when this process started
         self._prefetch: Optional[BatchPrefetcher] = None
+        self._lock: Optional[Any] = None  # the run folder's lock while the run is in progress
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -565,6 +601,8 @@ class Trainer:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.is_main = self.rank == 0
+        if self.out is not None and self.is_main and self._lock is None:
+            self._lock = lock_run_dir(self.out)
         if self.distributed and cfg.batch_size % self.world:
             raise TrainingError(f"batch size {cfg.batch_size} must be divisible by the {self.world} processes.")
         self.local_batch = cfg.batch_size // self.world
@@ -983,6 +1021,9 @@ class Trainer:
             if self._prefetch is not None:
                 self._prefetch.close()
                 self._prefetch = None
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
             if getattr(self, "_owns_process_group", False) and torch.distributed.is_initialized():
                 # a process leaving with its group (or DDP's reducer) alive may abort at exit
                 self.net = self.model
