@@ -384,3 +384,14 @@ def test_base_model_tooltip_shows_the_chosen_models_numbers(make_napari_viewer, 
     w._base.value = _restore.FROM_FILE
     w._base_file.value = sr_model  # an SR model as the base of a denoising fine-tune: refused, no numbers
     assert w._base.tooltip == w._base_help
+
+
+def test_plot_takes_an_infinite_psnr_of_a_constant_validation_plane(make_napari_viewer):
+    """A flat validation plane restored exactly scores inf dB: the plot keeps finite limits instead of failing."""
+    pytest.importorskip("matplotlib")
+    plot = _finetune._Plot()
+    plot.update(_finetune.Curves(total=10, step=[1, 2], loss=[0.1, 0.05], val_step=[2, 4],
+                                 val_psnr=[31.0, float("inf")], baseline_psnr=float("inf"), base_model_psnr=30.0),
+                "bicubic")
+    lo, hi = plot.ax_psnr.get_ylim()
+    assert np.isfinite([lo, hi]).all() and lo < 30.0 and hi > 31.0

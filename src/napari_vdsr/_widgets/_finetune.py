@@ -238,11 +238,13 @@ class _Plot:
         if len(loss) and np.all(loss > 0):
             lo, hi = float(loss.min()), float(loss.max())
             self.ax_loss.set_ylim(lo / 1.3, hi * 1.3)
-        ys = [v for v in (vp + c.val_psnr + [c.baseline_psnr]) if v is not None]
+        # an exactly restored (flat) validation plane scores inf dB: not drawn, and no axis limit
+        ys = [v for v in (vp + c.val_psnr + [c.baseline_psnr]) if v is not None and math.isfinite(v)]
         if ys:
             lo, hi = min(ys), max(ys)
             pad = max(0.2, 0.1 * (hi - lo))
             self.ax_psnr.set_ylim(lo - pad, hi + pad)
+        if vp or c.val_psnr or c.baseline_psnr is not None:
             leg = self.ax_psnr.legend(fontsize=7, loc="center right", framealpha=0.85, facecolor=self.bg,
                                       edgecolor=self.bg)
             for t in leg.get_texts():
@@ -691,6 +693,8 @@ class FinetuneWidget(Container):
         """
         from napari.qt.threading import create_worker
 
+        from ._triton_guard import keep_triton_out
+
         if self.running:
             self._notify("info", "Fine-tune is already running; press Stop or wait for it to finish.")
             return None
@@ -713,6 +717,7 @@ class FinetuneWidget(Container):
         self._status.value = f"preparing: {job.base_label} → {job.out}"
         self._readout.value = ""
         self._redraw(force=True)
+        keep_triton_out()  # before the worker builds its optimiser (torch would load Triton then)
         worker = create_worker(_work, job, _start_thread=False)
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_returned)
