@@ -456,3 +456,78 @@ def test_dask_array_of_unknown_shape_gets_a_clear_error():
         run(unknown, task="denoise")
     out = run(unknown.compute_chunk_sizes(), task="denoise")
     assert out.shape == (12, 12)
+
+
+# ----------------------------------------------------------------------------- intensity range
+
+
+def _camera_with_hot_pixels(dtype="uint16"):
+    """A smooth 16-bit signal in 200..3000 with five isolated hot pixels (65535) and one dead (0)."""
+    yy, xx = np.mgrid[0:48, 0:64]
+    sig = (200 + 2800 * (0.5 + 0.5 * np.sin(xx / 5.0) * np.cos(yy / 7.0))).astype(dtype)
+    hot = sig.copy()
+    hot[[5, 12, 30, 40, 44], [7, 50, 33, 3, 60]] = 65535
+    hot[20, 20] = 0
+    return sig, hot
+
+
+def test_isolated_hot_and_dead_pixels_do_not_set_the_intensity_range():
+    from napari_vdsr.core.normalize import intensity_range
+
+    sig, hot = _camera_with_hot_pixels()
+    r, clean = intensity_range(hot), intensity_range(sig)
+    assert (clean.lo, clean.hi) == (float(sig.min()), float(sig.max()))  # without bad pixels: min and max
+    span = clean.hi - clean.lo
+    assert clean.lo <= r.lo < clean.lo + 0.02 * span and clean.hi - 0.02 * span < r.hi <= clean.hi  # as if none
+    blob = hot.copy()
+    blob[10:12, 10:12] = 5000  # a real structure (2 x 2 pixels) brighter than the rest sets the top
+    assert intensity_range(blob).hi == 5000.0
+    line = hot.copy()
+    line[30, 10:30] = 4000  # so does a one-pixel-wide line
+    assert intensity_range(line).hi == 4000.0
+    stack = np.stack([hot, hot // 2])  # a stack: pairs within each plane, the range over all of them
+    assert intensity_range(stack).lo < r.lo / 2 + 0.02 * span and intensity_range(stack).hi == r.hi
+    rgb = np.stack([hot, hot, hot], axis=-1)  # colour: neighbours along Y and X, not across the channels
+    assert intensity_range(rgb, yx=(-3, -2)).hi == r.hi and intensity_range(rgb).hi == 65535.0  # (-2, -1): Y, X
+    assert intensity_range(np.array([[7, 9000]], np.uint16)).hi == 9000.0  # one row: no pair along Y
+    assert intensity_range(hot, robust=False).hi == 65535.0  # the plain extremes, e.g. for a PSNR's peak
+    da = pytest.importorskip("dask.array")
+    lazy = intensity_range(da.from_array(stack, chunks=(1, 16, 16)))
+    assert (lazy.lo, lazy.hi) == (intensity_range(stack).lo, intensity_range(stack).hi)
+
+
+def test_restore_maps_a_16_bit_image_by_its_signal_not_its_hot_pixels():
+    """A residual of +0.1 on the network's scale adds a tenth of the signal's range, not of 0..65535."""
+    sig, hot = _camera_with_hot_pixels()
+    out = restore(hot, task="denoise", model=offset_net(0.1), device="cpu", tile=32)
+    from napari_vdsr.core.normalize import intensity_range
+
+    r = intensity_range(hot)
+    assert r.span < 1.02 * (float(sig.max()) - float(sig.min()))
+    ok = hot == sig
+    np.testing.assert_allclose((out.astype(float) - hot)[ok], 0.1 * r.span, atol=1.0)
+    assert out[5, 7] == 65535  # the hot pixel itself: clipped to the dtype, not wrapped
+    np.testing.assert_array_equal(restore(hot, task="denoise", model=ID, device="cpu"), hot)  # exact round trip
+
+    class Lazy:
+        """Array-like read in slabs (like zarr): the streamed range is the same."""
+
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, idx):
+            return self.a[idx].copy()
+
+    stack = np.stack([hot, hot])
+    ref = restore(stack, task="denoise", model=offset_net(0.1), device="cpu", tile=32)
+    np.testing.assert_array_equal(restore(Lazy(stack), task="denoise", model=offset_net(0.1), device="cpu", tile=32),
+                                  ref)
+
+
+def test_training_planes_are_mapped_by_their_signal_not_their_hot_pixels():
+    from napari_vdsr.core.data import planes_from_array
+
+    sig, hot = _camera_with_hot_pixels()
+    (p,) = planes_from_array(hot)
+    ok = hot == sig
+    assert -0.02 < p.data[ok].min() <= 0.0 and 1.0 <= p.data[ok].max() < 1.02  # the signal fills [0, 1]

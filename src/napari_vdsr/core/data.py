@@ -30,7 +30,8 @@ def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = N
 
     RGB(A) images (last axis 3 or 4, uint8) give their luminance Y/255; a last axis of 1 or 2
     (channels last) and every other leading axis (Z, T, C) give one plane per index.  uint8 data are
-    divided by 255, other data scaled by their min and max.
+    divided by 255, other data scaled by their min and max (isolated hot or dead pixels left out, as
+    :func:`~napari_vdsr.core.normalize.intensity_range` does for restoring).
     """
     from .color import rgb_to_y
     from .normalize import check_dtype, intensity_range
@@ -48,7 +49,7 @@ def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = N
     if rgb:
         rgb_arr = arr[..., :3].astype(np.float32)
         if arr.dtype != np.uint8:
-            inten = intensity_range(rgb_arr)
+            inten = intensity_range(rgb_arr, yx=(-3, -2))
             rgb_arr = inten.to_net(rgb_arr) * 255.0
         y = rgb_to_y(rgb_arr) / 255.0
         stack = y.reshape((-1,) + y.shape[-2:])
@@ -337,7 +338,7 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
         rgb = (deg.ndim >= 3 and cln.ndim == deg.ndim and deg.shape[-1] in (3, 4) and cln.shape[-1] == deg.shape[-1]
                and deg.shape[-2] > 4)
     # the map restore() will use: that of the image being restored, the degraded one (RGB: its colours)
-    inten = intensity_range(deg[..., :3] if rgb else deg)
+    inten = intensity_range(deg[..., :3], yx=(-3, -2)) if rgb else intensity_range(deg)
     if rgb:
         d = rgb_to_y(inten.to_net(deg[..., :3]) * 255.0) / 255.0
         c = rgb_to_y(inten.to_net(cln[..., :3]) * 255.0) / 255.0

@@ -258,7 +258,7 @@ def prepare_sample(
     else:
         from .normalize import intensity_range
 
-        rng = intensity_range(hr)
+        rng = intensity_range(hr, robust=False)  # the PSNR peak: the reference's whole range
         lo, peak = rng.lo, rng.span
     name = hr_path.name
     if task == "sr":

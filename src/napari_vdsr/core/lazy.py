@@ -20,7 +20,8 @@ How
   :mod:`.restore` (memory per task is bounded by the block and the tile; an
   out-of-memory error halves the tile), with exactly the tiles -- hence exactly the
   values -- of ``restore(numpy_array)``.
-* Intensity normalisation uses the min/max of the *whole* array (as for numpy);
+* Intensity normalisation uses the min/max of the *whole* array (as for numpy; isolated
+  hot or dead pixels left out, :func:`~napari_vdsr.core.normalize.intensity_range`);
   for non-8-bit data that reduction runs when :func:`restore_dask` is called (one
   streamed pass over the input), so that the lazy result does not make dask keep
   every input block in memory until the reduction is done.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Intensity", "intensity_range", "check_dtype"]
+__all__ = ["Intensity", "intensity_range", "check_dtype", "pair_extremes", "range_without_outliers"]
 
 
 def check_dtype(dtype: np.dtype) -> None:
@@ -48,11 +48,75 @@ class Intensity:
         return (np.asarray(x, dtype=np.float32) * np.float32(self.span) + np.float32(self.lo)).astype(np.float32)
 
 
-def intensity_range(data, dtype: np.dtype | None = None) -> Intensity:
+#: how far (a fraction of the range) an extreme must stand out beyond every pair of neighbours to be
+#: left out of the range: a hot or dead pixel is far outside; a bright feature shares its value
+OUTLIER_FRACTION = 0.05
+
+
+def pair_extremes(data, yx: tuple[int, int] = (-2, -1)):
+    """The extremes of ``data`` that a pixel shares with a 4-neighbour along the ``yx`` axes.
+
+    Returns ``(lo, hi)``: ``hi`` is the largest value of the darker pixel of any two neighbours
+    (along Y or X), ``lo`` the smallest of the brighter one. An isolated pixel (a camera's hot or
+    dead pixel) cannot set them; a feature two or more pixels wide (or a one-pixel line) does.
+    Falls back to the plain extremes when neither axis has two pixels. Works on numpy and dask
+    arrays (dask: lazy scalars); numpy arrays are read in slabs of planes, so the temporary
+    arrays stay small.
+    """
+    nd = data.ndim
+    axes = [a % nd for a in yx if -nd <= a < nd and data.shape[a] >= 2]
+    if not axes:
+        return data.min(), data.max()
+    if not isinstance(data, np.ndarray):  # dask (and numpy-like arrays with slicing and ufuncs)
+        los, his = [], []
+        for a in axes:
+            a0 = data[(slice(None),) * a + (slice(None, -1),)]
+            a1 = data[(slice(None),) * a + (slice(1, None),)]
+            his.append(np.minimum(a0, a1).max())
+            los.append(np.maximum(a0, a1).min())
+        return (los[0] if len(los) == 1 else np.minimum(*los)), (his[0] if len(his) == 1 else np.maximum(*his))
+    lead = [d for d in range(nd) if d not in (yx[0] % nd, yx[1] % nd)]
+    view = np.moveaxis(data, lead, list(range(len(lead)))) if lead else data
+    n_lead = int(np.prod(view.shape[: len(lead)])) if lead else 1
+    planes = view.reshape((n_lead,) + view.shape[len(lead):]) if lead else view[None]
+    y_ax = 1 if yx[0] % nd in axes else None
+    x_ax = 2 if yx[1] % nd in axes else None
+    per = max(1, (1 << 24) // max(1, planes[0].nbytes))  # planes per slab: ~16 MB of input at a time
+    lo, hi = None, None
+    for i in range(0, n_lead, per):
+        block = planes[i:i + per]
+        for a in (y_ax, x_ax):
+            if a is None:
+                continue
+            a0 = block[(slice(None),) * a + (slice(None, -1),)]
+            a1 = block[(slice(None),) * a + (slice(1, None),)]
+            h, l_ = np.minimum(a0, a1).max(), np.maximum(a0, a1).min()
+            hi = h if hi is None else max(hi, h)
+            lo = l_ if lo is None else min(lo, l_)
+    return lo, hi
+
+
+def range_without_outliers(lo: float, hi: float, plo: float, phi: float) -> tuple[float, float]:
+    """The range to map: the plain extremes ``lo, hi``, except where one stands out beyond the pair
+    extremes ``plo, phi`` by more than :data:`OUTLIER_FRACTION` of their range (then those)."""
+    span = max(phi - plo, 0.0)
+    if span <= 0:
+        return lo, hi
+    tol = OUTLIER_FRACTION * span
+    return (plo if plo - lo > tol else lo), (phi if hi - phi > tol else hi)
+
+
+def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (-2, -1),
+                    robust: bool = True) -> Intensity:
     """Choose the :class:`Intensity` map for ``data`` (numpy or dask array).
 
-    uint8 → [0, 255]; float data already inside [0, 1] → [0, 1]; anything else
-    → the data's min and max (computed lazily for dask arrays).
+    uint8 → [0, 255]; float data already inside [0, 1] → [0, 1]; anything else → the data's
+    min and max, except that an isolated pixel far outside the rest (a camera's hot or dead
+    pixel: beyond every pair of neighbours along the ``yx`` axes by more than 5 % of the range)
+    does not set them (``robust``; a 16-bit image with a few hot pixels at 65535 would otherwise
+    squeeze its signal into a sliver of the network's range and restore worse than bicubic).
+    Values outside the range pass through the network's affine map unclipped. Computed lazily
+    for dask arrays.
     """
     from .errors import InputError
 
@@ -62,10 +126,12 @@ def intensity_range(data, dtype: np.dtype | None = None) -> Intensity:
         return Intensity(0.0, 255.0)
     lo = data.min()
     hi = data.max()
+    use_pairs = robust and data.ndim >= 2
+    plo, phi = pair_extremes(data, yx) if use_pairs else (lo, hi)
     if hasattr(lo, "compute"):
         import dask
 
-        lo, hi = dask.compute(lo, hi)
+        lo, hi, plo, phi = dask.compute(lo, hi, plo, phi)
     lo, hi = float(lo), float(hi)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InputError(
@@ -74,6 +140,8 @@ def intensity_range(data, dtype: np.dtype | None = None) -> Intensity:
         )
     if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         return Intensity(0.0, 1.0)
+    if use_pairs:
+        lo, hi = range_without_outliers(lo, hi, float(plo), float(phi))
     if hi <= lo:
         hi = lo + 1.0
     return Intensity(lo, hi)

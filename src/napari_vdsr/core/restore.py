@@ -560,7 +560,7 @@ def _intensity(job: _Job):
     The alpha of an RGBA image is left out: an opaque alpha at the dtype's top would squeeze the
     colours into a sliver of the network's range (and training maps RGB(A) images by their colours).
     """
-    from .normalize import Intensity, intensity_range
+    from .normalize import Intensity, intensity_range, pair_extremes, range_without_outliers
 
     img, dtype = job.img, job.dtype
     if dtype == np.uint8:
@@ -570,8 +570,8 @@ def _intensity(job: _Job):
         if alpha:
             s = job.ax.index("S")
             img = img[(slice(None),) * s + (slice(0, 3),)]
-        return intensity_range(img, dtype)
-    lo, hi = math.inf, -math.inf
+        return intensity_range(img, dtype, yx=(job.ax.index("Y"), job.ax.index("X")))
+    lo, hi, plo, phi = math.inf, -math.inf, math.inf, -math.inf
     for k in range(job.n_all):
         reader = _PlaneReader(img, job.index_of(k), job.ax, job.to_canon)
         for i0, i1 in reader.row_slabs(dtype.itemsize, job.n_samples):
@@ -580,7 +580,12 @@ def _intensity(job: _Job):
                 p = p[..., :3]
             _check_finite(p, "the image")
             lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
-    return intensity_range(np.array([lo, hi], dtype=np.float64), dtype)
+            a, b = pair_extremes(p, (0, 1))  # pairs split by a slab edge are not seen (a rare narrowing)
+            plo, phi = min(plo, float(a)), max(phi, float(b))
+    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        return Intensity(0.0, 1.0)
+    lo, hi = range_without_outliers(lo, hi, plo, phi)
+    return intensity_range(np.array([lo, hi], dtype=np.float64), dtype, robust=False)
 
 
 def _upsample_on_device(device: torch.device) -> bool:

@@ -979,7 +979,7 @@ class Trainer:
                 "loss": "0.5 * sum of squared error per patch, mean over batch",
             },
             "metrics": {"validation": metrics},
-            "normalization": "uint8 / 255; other dtypes by the image's min..max",
+            "normalization": "uint8 / 255; other dtypes by the image's min..max (isolated hot or dead pixels left out)",
         }
         if self.out is not None:  # machine, batch and lr of each leg of a run resumed across machines
             from .runlog import continue_legs, describe_legs
