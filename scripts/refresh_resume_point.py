@@ -55,23 +55,27 @@ def refresh(commit: bool, root: Path = ROOT) -> bool:
         print(f"refresh_resume_point: no {best.relative_to(root)} yet", flush=True)
         return False
     step, have = card_step(best.with_suffix(".json")), card_step(weights / f"{name}.json")
-    if step <= have:
-        print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to do",
+    files = [str((weights / f"{name}{ext}").relative_to(root)) for ext in (".safetensors", ".json")]
+    bundled = step > have
+    if bundled:
+        val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
+                        "--note", note_for(cycle, step, val), "--dir", str(weights)], check=True, cwd=root)
+    else:
+        print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to bundle",
               flush=True)
-        return False
-    val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
-                    "--note", note_for(cycle, step, val), "--dir", str(weights)], check=True, cwd=root)
-    if commit:
-        files = [str((weights / f"{name}{ext}").relative_to(root)) for ext in (".safetensors", ".json")]
+    # commit what is bundled and not committed yet (this time's, or an earlier time's failed commit)
+    if commit and subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=root, capture_output=True,
+                                 text=True, check=True).stdout.strip():
+        val = json.loads((weights / f"{name}.json").read_text()).get("metrics", {}).get("validation", {})
         subprocess.run(["git", "add", *files], check=True, cwd=root)
         psnr = val.get("psnr")
-        msg = (f"Resume point {name} refreshed to step {step:,} of runs/{cycle['run']}"
+        msg = (f"Resume point {name} refreshed to step {card_step(weights / f'{name}.json'):,} of runs/{cycle['run']}"
                + (f" (photos validation {psnr:.3f})" if psnr is not None else ""))
         r = subprocess.run(["git", "commit", "-q", "--only", "-m", msg, *files], cwd=root)
-        print(f"refresh_resume_point: {'committed' if r.returncode == 0 else 'commit failed (retry next time)'}: "
+        print(f"refresh_resume_point: {'committed' if r.returncode == 0 else 'commit failed (retried next time)'}: "
               f"{msg}", flush=True)
-    return True
+    return bundled
 
 
 def main() -> None:

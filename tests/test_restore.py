@@ -462,9 +462,9 @@ def test_dask_array_of_unknown_shape_gets_a_clear_error():
 
 
 def _camera_with_hot_pixels(dtype="uint16"):
-    """A smooth 16-bit signal in 200..3000 with five isolated hot pixels (65535) and one dead (0)."""
+    """A smooth 16-bit signal in 2000..4800 with five isolated hot pixels (65535) and one dead (0)."""
     yy, xx = np.mgrid[0:48, 0:64]
-    sig = (200 + 2800 * (0.5 + 0.5 * np.sin(xx / 5.0) * np.cos(yy / 7.0))).astype(dtype)
+    sig = (2000 + 2800 * (0.5 + 0.5 * np.sin(xx / 5.0) * np.cos(yy / 7.0))).astype(dtype)
     hot = sig.copy()
     hot[[5, 12, 30, 40, 44], [7, 50, 33, 3, 60]] = 65535
     hot[20, 20] = 0
@@ -480,11 +480,11 @@ def test_isolated_hot_and_dead_pixels_do_not_set_the_intensity_range():
     span = clean.hi - clean.lo
     assert clean.lo <= r.lo < clean.lo + 0.02 * span and clean.hi - 0.02 * span < r.hi <= clean.hi  # as if none
     blob = hot.copy()
-    blob[10:12, 10:12] = 5000  # a real structure (2 x 2 pixels) brighter than the rest sets the top
-    assert intensity_range(blob).hi == 5000.0
+    blob[10:12, 10:12] = 7000  # a real structure (2 x 2 pixels) brighter than the rest sets the top
+    assert intensity_range(blob).hi == 7000.0
     line = hot.copy()
-    line[30, 10:30] = 4000  # so does a one-pixel-wide line
-    assert intensity_range(line).hi == 4000.0
+    line[30, 10:30] = 6000  # so does a one-pixel-wide line
+    assert intensity_range(line).hi == 6000.0
     stack = np.stack([hot, hot // 2])  # a stack: pairs within each plane, the range over all of them
     assert intensity_range(stack).lo < r.lo / 2 + 0.02 * span and intensity_range(stack).hi == r.hi
     rgb = np.stack([hot, hot, hot], axis=-1)  # colour: neighbours along Y and X, not across the channels
@@ -531,3 +531,48 @@ def test_training_planes_are_mapped_by_their_signal_not_their_hot_pixels():
     (p,) = planes_from_array(hot)
     ok = hot == sig
     assert -0.02 < p.data[ok].min() <= 0.0 and 1.0 <= p.data[ok].max() < 1.02  # the signal fills [0, 1]
+
+
+def test_the_three_ways_of_reading_give_one_intensity_map():
+    """numpy, dask and a streamed array-like (zarr, memmap) agree, floats with an outlier included."""
+    from napari_vdsr.core.normalize import pair_extremes
+    from napari_vdsr.core.restore import _intensity, _prepare
+
+    da = pytest.importorskip("dask.array")
+
+    class Lazy:
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __getitem__(self, idx):
+            return self.a[idx].copy()
+
+    f = np.random.default_rng(1).normal(0.5, 0.1, (2, 40, 40))
+    f[1, 5, 5] = 9.0
+    sig, hot = _camera_with_hot_pixels()
+    for img in (f, np.stack([hot, hot])):
+        maps = {how: _intensity(_prepare(x, "denoise", 1, ID, None, None, 32, "cpu", None))
+                for how, x in (("numpy", img), ("dask", da.from_array(img, chunks=(1, 20, 20))), ("lazy", Lazy(img)))}
+        assert maps["numpy"] == maps["dask"] == maps["lazy"], maps
+    # axes in any order, one of them a single pixel long
+    a = np.arange(5, dtype=np.uint16).reshape(1, 5)
+    assert [int(v) for v in pair_extremes(a, (1, 0))] == [int(v) for v in pair_extremes(a.T, (0, 1))] == [1, 3]
+    with pytest.raises(ValueError, match="two different axes"):
+        pair_extremes(a, (-1, 1))
+
+
+def test_noise_keeps_its_extremes_and_training_planes_bound_an_outlier():
+    """Noise peaks are not outliers (the range of a noisy image stays its min..max); a hot pixel in a
+    training image is held at the outlier bound instead of outweighing its whole patch."""
+    from napari_vdsr.core.data import planes_from_array, planes_from_pair
+    from napari_vdsr.core.normalize import intensity_range
+
+    rng = np.random.default_rng(2)
+    for noisy in (rng.normal(1000, 100, (256, 256)).astype(np.uint16), rng.poisson(50, (256, 256)).astype(np.uint16)):
+        r = intensity_range(noisy)
+        assert (r.lo, r.hi) == (float(noisy.min()), float(noisy.max()))
+    sig, hot = _camera_with_hot_pixels()
+    (p,) = planes_from_array(hot)
+    assert -0.51 < p.data.min() and p.data.max() < 1.51 and p.data[5, 7] == pytest.approx(1.5)
+    ((d, c),) = planes_from_pair(hot, hot, task="denoise")
+    assert c.data.max() == pytest.approx(1.5) and d.data.max() == pytest.approx(1.5)

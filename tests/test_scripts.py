@@ -276,7 +276,14 @@ def test_refresh_resume_point_bundles_and_commits_only_newer_weights(tmp_path: P
     assert refresh.refresh(commit=True, root=repo) is False  # no run yet
     run = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2"]])
     shutil.copytree(run, repo / "runs" / cycle["run"])
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexit 1\n")  # the first commit fails (a hook, a lock held by another git)
+    hook.chmod(0o755)
     assert refresh.refresh(commit=True, root=repo) is True
+    assert "refreshed" not in subprocess.run(["git", "log", "--format=%s"], cwd=repo, capture_output=True,
+                                             text=True).stdout
+    hook.unlink()
+    assert refresh.refresh(commit=True, root=repo) is False  # nothing new to bundle, but the commit is retried
     _, card = load_model(str(weights / f"{cycle['resume_point']}.safetensors"))
     step = json.loads((repo / "runs" / cycle["run"] / "best.json").read_text())["training"]["steps"]
     assert card["training"]["steps"] == step and card["default_for"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -987,3 +988,32 @@ def test_a_second_process_on_a_running_folder_is_refused_and_the_first_keeps_its
         child.wait()
     list(train(_cfg(out, [str(image_dir)], iterations=4), resume=True))  # the folder is free again
     assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4
+
+
+def test_batch_workers_do_not_hold_the_folder_after_the_trainer_is_gone(image_dir: Path, tmp_path: Path) -> None:
+    """Forked batch workers close their copy of the lock: a killed trainer's orphaned workers leave
+    the folder free for --resume."""
+    import signal
+    import time
+
+    from napari_vdsr.core.train import lock_run_dir
+
+    out = tmp_path / "run"
+    code = ("import sys; from napari_vdsr.cli import main; "
+            "sys.exit(main(['train', '--data', sys.argv[1], '--out', sys.argv[2], '--iterations', '100000', '--workers', '1', "
+            "'--batch-size', '4', '--patch-size', '16', '--depth', '3', '--width', '8', '--device', 'cpu', '--quiet', "
+            "'--val-every', '100000', '--checkpoint-minutes', '100']))")
+    child = subprocess.Popen([sys.executable, "-c", code, str(image_dir), str(out)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists() or "step" not in (out / "log.jsonl").read_text():
+            assert time.monotonic() < deadline and child.poll() is None, "the training did not start"
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)  # the trainer dies; its forked worker may live on a while
+        child.wait()
+        lock = lock_run_dir(out)  # must not raise: no process of the dead run holds the folder
+        lock.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the trainer and any worker left behind
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

@@ -31,10 +31,11 @@ def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = N
     RGB(A) images (last axis 3 or 4, uint8) give their luminance Y/255; a last axis of 1 or 2
     (channels last) and every other leading axis (Z, T, C) give one plane per index.  uint8 data are
     divided by 255, other data scaled by their min and max (isolated hot or dead pixels left out, as
-    :func:`~napari_vdsr.core.normalize.intensity_range` does for restoring).
+    :func:`~napari_vdsr.core.normalize.intensity_range` does for restoring, and held at the outlier
+    bound, :func:`~napari_vdsr.core.normalize.clip_outliers`).
     """
     from .color import rgb_to_y
-    from .normalize import check_dtype, intensity_range
+    from .normalize import check_dtype, clip_outliers, intensity_range
 
     arr = np.asarray(arr)
     check_dtype(arr.dtype)
@@ -50,12 +51,12 @@ def planes_from_array(arr: np.ndarray, name: str = "array", rgb: bool | None = N
         rgb_arr = arr[..., :3].astype(np.float32)
         if arr.dtype != np.uint8:
             inten = intensity_range(rgb_arr, yx=(-3, -2))
-            rgb_arr = inten.to_net(rgb_arr) * 255.0
+            rgb_arr = clip_outliers(inten.to_net(rgb_arr)) * 255.0
         y = rgb_to_y(rgb_arr) / 255.0
         stack = y.reshape((-1,) + y.shape[-2:])
     else:
         inten = intensity_range(arr)
-        stack = inten.to_net(arr).reshape((-1,) + arr.shape[-2:])
+        stack = clip_outliers(inten.to_net(arr)).reshape((-1,) + arr.shape[-2:])
     return [Plane(f"{name}[{i}]" if len(stack) > 1 else name, np.ascontiguousarray(p, dtype=np.float32)) for i, p in enumerate(stack)]
 
 
@@ -321,7 +322,7 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
     Any other shape mismatch raises :class:`TrainingError`.
     """
     from .color import rgb_to_y
-    from .normalize import check_dtype, intensity_range
+    from .normalize import check_dtype, clip_outliers, intensity_range
 
     deg, cln = np.asarray(degraded), np.asarray(clean)
     check_dtype(deg.dtype)
@@ -340,10 +341,10 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
     # the map restore() will use: that of the image being restored, the degraded one (RGB: its colours)
     inten = intensity_range(deg[..., :3], yx=(-3, -2)) if rgb else intensity_range(deg)
     if rgb:
-        d = rgb_to_y(inten.to_net(deg[..., :3]) * 255.0) / 255.0
-        c = rgb_to_y(inten.to_net(cln[..., :3]) * 255.0) / 255.0
-    else:
-        d, c = inten.to_net(deg), inten.to_net(cln)
+        d = rgb_to_y(clip_outliers(inten.to_net(deg[..., :3])) * 255.0) / 255.0
+        c = rgb_to_y(clip_outliers(inten.to_net(cln[..., :3])) * 255.0) / 255.0
+    else:  # outliers (a hot pixel) held at their bound: one pixel must not outweigh its patch
+        d, c = clip_outliers(inten.to_net(deg)), clip_outliers(inten.to_net(cln))
     if d.ndim != c.ndim or d.shape[:-2] != c.shape[:-2]:
         raise TrainingError(
             f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} do not match; "

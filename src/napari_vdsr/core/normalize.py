@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Intensity", "intensity_range", "check_dtype", "pair_extremes", "range_without_outliers"]
+__all__ = ["Intensity", "intensity_range", "check_dtype", "pair_extremes", "range_without_outliers", "clip_outliers"]
 
 
 def check_dtype(dtype: np.dtype) -> None:
@@ -49,8 +49,15 @@ class Intensity:
 
 
 #: how far (a fraction of the range) an extreme must stand out beyond every pair of neighbours to be
-#: left out of the range: a hot or dead pixel is far outside; a bright feature shares its value
-OUTLIER_FRACTION = 0.05
+#: left out of the range: a hot or dead pixel is far outside; a bright feature shares its value, and the
+#: peaks of noise stand out by about a quarter of the range at most (Gaussian noise, 256 x 256 pixels)
+OUTLIER_FRACTION = 0.5
+
+
+def clip_outliers(net: np.ndarray) -> np.ndarray:
+    """Training planes on the network's scale with outliers held at the bound that defines them
+    (``-OUTLIER_FRACTION .. 1 + OUTLIER_FRACTION``): one hot pixel would otherwise outweigh its patch."""
+    return np.clip(net, -OUTLIER_FRACTION, 1.0 + OUTLIER_FRACTION)
 
 
 def pair_extremes(data, yx: tuple[int, int] = (-2, -1)):
@@ -64,7 +71,9 @@ def pair_extremes(data, yx: tuple[int, int] = (-2, -1)):
     arrays stay small.
     """
     nd = data.ndim
-    axes = [a % nd for a in yx if -nd <= a < nd and data.shape[a] >= 2]
+    if not all(-nd <= a < nd for a in yx) or yx[0] % nd == yx[1] % nd:
+        raise ValueError(f"yx must name two different axes of a {nd}-D array, got {yx}.")
+    axes = [a % nd for a in yx if data.shape[a] >= 2]
     if not axes:
         return data.min(), data.max()
     if not isinstance(data, np.ndarray):  # dask (and numpy-like arrays with slicing and ufuncs)
@@ -76,18 +85,15 @@ def pair_extremes(data, yx: tuple[int, int] = (-2, -1)):
             los.append(np.maximum(a0, a1).min())
         return (los[0] if len(los) == 1 else np.minimum(*los)), (his[0] if len(his) == 1 else np.maximum(*his))
     lead = [d for d in range(nd) if d not in (yx[0] % nd, yx[1] % nd)]
+    rest = [d for d in range(nd) if d not in lead]  # the two image axes, in the array's order
     view = np.moveaxis(data, lead, list(range(len(lead)))) if lead else data
     n_lead = int(np.prod(view.shape[: len(lead)])) if lead else 1
-    planes = view.reshape((n_lead,) + view.shape[len(lead):]) if lead else view[None]
-    y_ax = 1 if yx[0] % nd in axes else None
-    x_ax = 2 if yx[1] % nd in axes else None
+    planes = view.reshape((n_lead,) + view.shape[len(lead):])
     per = max(1, (1 << 24) // max(1, planes[0].nbytes))  # planes per slab: ~16 MB of input at a time
     lo, hi = None, None
     for i in range(0, n_lead, per):
         block = planes[i:i + per]
-        for a in (y_ax, x_ax):
-            if a is None:
-                continue
+        for a in (1 + rest.index(d) for d in axes):
             a0 = block[(slice(None),) * a + (slice(None, -1),)]
             a1 = block[(slice(None),) * a + (slice(1, None),)]
             h, l_ = np.minimum(a0, a1).max(), np.maximum(a0, a1).min()
@@ -112,7 +118,7 @@ def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (
 
     uint8 → [0, 255]; float data already inside [0, 1] → [0, 1]; anything else → the data's
     min and max, except that an isolated pixel far outside the rest (a camera's hot or dead
-    pixel: beyond every pair of neighbours along the ``yx`` axes by more than 5 % of the range)
+    pixel: beyond every pair of neighbours along the ``yx`` axes by more than half their range)
     does not set them (``robust``; a 16-bit image with a few hot pixels at 65535 would otherwise
     squeeze its signal into a sliver of the network's range and restore worse than bicubic).
     Values outside the range pass through the network's affine map unclipped. Computed lazily

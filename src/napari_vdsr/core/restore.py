@@ -584,8 +584,8 @@ def _intensity(job: _Job):
             plo, phi = min(plo, float(a)), max(phi, float(b))
     if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         return Intensity(0.0, 1.0)
-    lo, hi = range_without_outliers(lo, hi, plo, phi)
-    return intensity_range(np.array([lo, hi], dtype=np.float64), dtype, robust=False)
+    lo, hi = range_without_outliers(lo, hi, plo, phi)  # as intensity_range does in one piece
+    return Intensity(lo, hi if hi > lo else lo + 1.0)
 
 
 def _upsample_on_device(device: torch.device) -> bool:

@@ -412,13 +412,28 @@ def _dist_info() -> tuple[int, int, int]:
 _WORKER_SAMPLER = None
 
 
-def _worker_init(sampler) -> None:
-    """Batch-drawing process: keep the sampler, one thread, and leave Ctrl-C to the trainer."""
+def _worker_init(sampler, close_fds: Sequence[int] = ()) -> None:
+    """Batch-drawing process: keep the sampler, one thread, and leave Ctrl-C to the trainer.
+
+    A forked worker closes ``close_fds`` (the run folder's lock: the lock would otherwise live on
+    in a worker that outlives a killed trainer) and, on Linux, asks to end with its parent.
+    """
     import signal
 
     global _WORKER_SAMPLER
     _WORKER_SAMPLER = sampler
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(Exception):  # best effort: prctl(PR_SET_PDEATHSIG, SIGKILL), Linux only
+        import ctypes
+        import sys as _sys
+
+        if _sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+            if os.getppid() == 1:  # the parent died before the request took effect
+                os._exit(0)
     torch.set_num_threads(1)
 
 
@@ -432,13 +447,17 @@ class BatchPrefetcher:
     ``get(step)`` returns exactly what :func:`draw_batch` returns in-process, so training with and without workers is identical.
     """
 
-    def __init__(self, sampler, workers: int, seed: int, rank: int, n: int, depth: Optional[int] = None) -> None:
+    def __init__(self, sampler, workers: int, seed: int, rank: int, n: int, depth: Optional[int] = None,
+                 close_fds: Sequence[int] = ()) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         # fork shares the training images with the workers instead of pickling them to each
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(sampler,))
+        fork = "fork" in mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if fork else "spawn")
+        # a forked worker inherits the parent's descriptors (``close_fds``: the run folder's lock); a spawned one does not
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(sampler, tuple(close_fds) if fork else ()))
         self.seed, self.rank, self.n = seed, rank, n
         self.depth = depth or 2 * workers
         self.pending: dict[int, Any] = {}
@@ -658,7 +677,8 @@ class Trainer:
         self.val_fingerprint = validation_fingerprint(self.val_items)
         if cfg.workers:
             # started before the model touches the GPU: the forked workers only run NumPy
-            self._prefetch = BatchPrefetcher(self.sampler, cfg.workers, cfg.seed, self.rank, self.local_batch)
+            self._prefetch = BatchPrefetcher(self.sampler, cfg.workers, cfg.seed, self.rank, self.local_batch,
+                                             close_fds=[self._lock.fileno()] if self._lock is not None else [])
 
         # model
         torch.manual_seed(cfg.seed)
