@@ -305,12 +305,16 @@ def test_cli_says_when_the_finetune_validates_below_its_base(tiny_base: Path, ti
     card = json.loads((tmp_path / "ft" / "best.json").read_text())["metrics"]["validation"]
     assert rc == 0 and card["psnr"] < card["base_model_psnr"], card
     assert "below the model this run started from" in err
+    # the end line gives the input's (bicubic's) PSNR beside the best, and says when the best is below it
+    assert f"input {card['baseline_psnr']:.3f} dB" in err
+    assert ("below the input" in err) == (card["psnr"] < card["baseline_psnr"])
     # a good fine-tune does not get the note
     rc = cli_main(_ft_cli(tif, tmp_path / "ft2", "--task", "sr", "--from", str(tiny_base), "--lr", "1e-3",
                           "--iterations", "30", "--val-every", "10"))
     err = capsys.readouterr().err
     card = json.loads((tmp_path / "ft2" / "best.json").read_text())["metrics"]["validation"]
     assert rc == 0 and card["psnr"] > card["base_model_psnr"] and "below the model" not in err, card
+    assert ("below the input" in err) == (card["psnr"] < card["baseline_psnr"])
 
 
 def test_tiffs_read_other_than_a_user_may_think_are_named_in_a_warning(tmp_path: Path) -> None:

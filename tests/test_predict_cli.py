@@ -213,3 +213,19 @@ def test_card_summary_never_fails_on_a_hand_edited_card(card):
     lines = weights.card_summary(card)
     assert lines and all(isinstance(line, str) for line in lines)
     assert not any(w in " ".join(lines) for w in ("nan", "inf", "True", "1.00"))
+
+
+def test_an_ome_tiff_saved_as_a_plain_tiff_keeps_its_physical_pixel_size(tmp_path, tiny_model):
+    """OME's PhysicalSizeX/Y (divided by the scale) become ImageJ's calibration; the Z step is kept."""
+    d = tmp_path / "in"
+    d.mkdir()
+    stack = np.random.default_rng(0).integers(0, 4000, (3, 20, 24)).astype(np.uint16)
+    tifffile.imwrite(d / "s.ome.tif", stack, ome=True, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1, "PhysicalSizeZ": 0.5})
+    assert predict(d / "s.ome.tif", "-o", tmp_path / "o.tif", "--model", tiny_model, "--scale", 2, 3) == 0
+    with tifffile.TiffFile(tmp_path / "o.tif") as tf:
+        ij = tf.imagej_metadata
+        xres, yres = tf.pages[0].get_resolution()
+        assert tf.series[0].shape == (3, 40, 72)
+    assert ij["unit"] in ("um", "micron") and ij["spacing"] == pytest.approx(0.5)
+    assert 1 / xres == pytest.approx(0.1 / 3) and 1 / yres == pytest.approx(0.1 / 2)

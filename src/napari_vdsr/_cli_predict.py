@@ -31,11 +31,13 @@ Restore image files with a VDSR model.
 Inputs: TIFF and OME-TIFF (stacks and hyperstacks stay stacks; axes and pixel sizes
 are read from the metadata), zarr stores (NAME.zarr folders), PNG, JPEG, BMP and .npy
 files, folders of them or glob patterns.  Each output keeps its input's format,
-dtype and axes (Y and X enlarged for --task sr) and is named after it:
+dtype and axes (Y and X enlarged for --task sr; a TIFF stores Z, C and T before Y X,
+as its pages are YX planes, so a YXC input is written CYX) and is named after it:
   NAME_x2.tif (sr; NAME_x2-3 for --scale 2 3), NAME_x2.ome.tif, NAME_x2.zarr,
   NAME_denoised.png, NAME_deblocked.png.
 OME-TIFF outputs carry the input's OME pixel sizes with PhysicalSizeX/Y divided by
-the scale; TIFF resolution tags are scaled the same way.
+the scale; TIFF resolution tags are scaled the same way, and an OME input written as a
+plain TIFF gets those pixel sizes as ImageJ's calibration (µm).
 
 Large images: TIFF (uncompressed, tiled or compressed), .npy and zarr inputs are read
 region by region, and TIFF, OME-TIFF, .npy and zarr outputs are written block by
@@ -351,7 +353,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     for exc in errors:
         print(f"napari-vdsr: error: {exc}", file=sys.stderr)
     net, card = load_model(a.model, task=a.task, device="cpu")
-    model_name = Path(card.get("path", "model")).stem
+    model_name = card.get("name") or Path(card.get("path", "model")).stem
     scales = card.get("scales") or []
     if a.task == "sr" and scales and not (min(scales) <= min(scale) and max(scale) <= max(scales)):
         print(f"napari-vdsr: warning: model {model_name} was trained for scales {scales}; "

@@ -244,6 +244,7 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
     bar = None
     last_val = ""
     base_psnr = None  # the starting weights' validation PSNR (fine-tunes and runs from --from)
+    input_psnr = None  # the validation's input (bicubic for SR, the degraded image otherwise): the bar to beat
     for ev in trainer.run():
         if not getattr(trainer, "is_main", True):
             continue  # torchrun: the other processes train in step with the first, which alone reports and saves
@@ -258,14 +259,23 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
             if ev.loss is not None:  # on a GPU the loss is read back every few steps
                 bar.set_postfix_str(f"loss {ev.loss:.2e} lr {ev.lr:.1e}{last_val}", refresh=False)
         elif ev.kind == "val":
+            input_psnr = ev.val_baseline_psnr
             last_val = f" val {ev.val_psnr:.2f} dB (input {ev.val_baseline_psnr:.2f})"
             if bar is not None:
                 bar.set_postfix_str(f"loss - {last_val}")
         elif ev.kind in ("done", "stopped"):
             if bar is not None:
                 bar.close()
+            what = "bicubic" if trainer.config.task == "sr" and not getattr(trainer, "_pairs", None) else "input"
             print(f"napari-vdsr: {ev.message}; best validation PSNR "
-                  f"{'%.3f dB' % ev.best_psnr if ev.best_psnr is not None else 'n/a'}; model: {ev.path}", file=sys.stderr)
+                  f"{'%.3f dB' % ev.best_psnr if ev.best_psnr is not None else 'n/a'}"
+                  + (f" (input {input_psnr:.3f} dB, {what})" if input_psnr is not None else "")
+                  + f"; model: {ev.path}", file=sys.stderr)
+            if input_psnr is not None and ev.best_psnr is not None and ev.best_psnr < input_psnr:
+                print(f"napari-vdsr: note: the best weights validate {input_psnr - ev.best_psnr:.3f} dB below the input "
+                      f"itself ({what}, {input_psnr:.3f} dB) on the held-out images: the model does not help there yet; "
+                      "train longer (--iterations), with more images, or check that the images match the task.",
+                      file=sys.stderr)
             if base_psnr is not None and ev.best_psnr is not None and ev.best_psnr < base_psnr:
                 print(f"napari-vdsr: note: the best weights validate {base_psnr - ev.best_psnr:.3f} dB below the model "
                       f"this run started from ({base_psnr:.3f} dB): keep using that model, or try a lower --lr, more "

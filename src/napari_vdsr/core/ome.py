@@ -178,7 +178,31 @@ def tiff_write_options(
             if key in ij:
                 md[key] = ij[key]
         return {"imagej": True, "metadata": md, **kw}
+    um = _pixel_size_um(scaled_pixel_size(meta.get("pixel_size"), (sy, sx)))
+    unit = str(getattr(meta.get("resolutionunit"), "name", meta.get("resolutionunit"))).upper()
+    physical_tags = "resolution" in kw and unit not in ("NONE", "1")  # inch or centimetre: scaled above
+    if um is not None and not physical_tags:  # e.g. an OME-TIFF (tags 1/1, no unit) or OME-Zarr as a plain TIFF
+        if order == sorted(order) and dtype in (np.uint8, np.uint16, np.float32):  # ImageJ's calibration
+            md = {"axes": axes, "unit": "um"}
+            if "Z" in um:
+                md["spacing"] = um["Z"]
+            return {"imagej": True, "metadata": md, "resolution": (1.0 / um["X"], 1.0 / um["Y"])}
+        kw["resolution"], kw["resolutionunit"] = (1e4 / um["X"], 1e4 / um["Y"]), "CENTIMETER"
     return {"metadata": {"axes": axes}, "photometric": photometric, **kw}
+
+
+#: micrometres per unit of the units OME and OME-Zarr name (OME's default, no unit, is µm)
+_UM_PER_UNIT = {None: 1.0, "µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+                "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6}
+
+
+def _pixel_size_um(pixel_size: dict) -> Optional[dict]:
+    """The X, Y (and Z) pixel sizes in µm, or None when X or Y is missing or in a unit not known here."""
+    out = {}
+    for c, (v, u) in pixel_size.items():
+        if u in _UM_PER_UNIT and v and v > 0:
+            out[c] = float(v) * _UM_PER_UNIT[u]
+    return out if "X" in out and "Y" in out else None
 
 
 def write_tiff_bands(
