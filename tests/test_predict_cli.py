@@ -229,3 +229,17 @@ def test_an_ome_tiff_saved_as_a_plain_tiff_keeps_its_physical_pixel_size(tmp_pat
         assert tf.series[0].shape == (3, 40, 72)
     assert ij["unit"] in ("um", "micron") and ij["spacing"] == pytest.approx(0.5)
     assert 1 / xres == pytest.approx(0.1 / 3) and 1 / yres == pytest.approx(0.1 / 2)
+
+
+def test_a_non_8_bit_colour_tiff_is_named_as_read_as_rgb(tmp_path, tiny_model, capsys):
+    """tifffile saves any (H, W, 3) array as RGB: a 3-channel float stack is then restored as one colour
+    image; predict says so and how to restore the channels instead."""
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "yxc.tif", rng.random((20, 24, 3)).astype(np.float32))  # photometric RGB
+    tifffile.imwrite(tmp_path / "rgb8.tif", rng.integers(0, 256, (20, 24, 3)).astype(np.uint8))
+    assert predict(tmp_path / "yxc.tif", tmp_path / "rgb8.tif", "-o", tmp_path / "o", "--model", tiny_model) == 0
+    err = capsys.readouterr().err
+    assert "yxc.tif" in err and "--axes YXC" in err and "luminance" in err
+    assert "rgb8.tif: its" not in err  # an 8-bit colour image is what it looks like
+    assert predict(tmp_path / "yxc.tif", "-o", tmp_path / "o2", "--model", tiny_model, "--axes", "YXC") == 0
+    assert "--axes YXC" not in capsys.readouterr().err

@@ -244,6 +244,12 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
         oshape = output_shape(shape, axes, scale if a.task == "sr" else 1)
         dtype = np.dtype(src.array.dtype)
         rgb = "S" in axes
+        if rgb and not a.axes and dtype != np.uint8 and src.format != "pillow":
+            # tifffile saves any (..., H, W, 3) array as RGB: often a 3-channel microscopy image
+            warnings.warn(f"{inp.name}: its {shape[axes.index('S')]} samples per pixel ({dtype}) are read as one RGB "
+                          "colour image, so only its luminance is restored (the colour follows bicubic). If they "
+                          f"are channels, pass --axes {axes.replace('S', 'C')} to restore each as a grey image.",
+                          RuntimeWarning, stacklevel=2)
         if suffix in _IN_MEMORY_SUFFIXES and len(shape) > 2 and not (len(shape) == 3 and axes.endswith("S")):
             raise InputError(f"{dest.name}: a {len(shape)}-D result ({axes}) does not fit in {suffix}; "
                              "use --format tif, ome.tif, zarr or npy.")
