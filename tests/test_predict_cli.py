@@ -243,3 +243,16 @@ def test_a_non_8_bit_colour_tiff_is_named_as_read_as_rgb(tmp_path, tiny_model, c
     assert "rgb8.tif: its" not in err  # an 8-bit colour image is what it looks like
     assert predict(tmp_path / "yxc.tif", "-o", tmp_path / "o2", "--model", tiny_model, "--axes", "YXC") == 0
     assert "--axes YXC" not in capsys.readouterr().err
+
+
+def test_skip_existing_reruns_a_batch_for_the_missing_outputs_only(tmp_path, tiny_model, inputs, capsys):
+    d, *_ = inputs
+    out = tmp_path / "out"
+    assert predict(d / "plane.npy", "-o", out, "--model", tiny_model) == 0
+    (out / "plane_x2.npy").write_bytes(b"done before")
+    capsys.readouterr()
+    rc = predict(d / "plane.npy", d / "stack.tif", "-o", out, "--model", tiny_model, "--skip-existing")
+    err = capsys.readouterr().err
+    assert rc == 0 and (out / "plane_x2.npy").read_bytes() == b"done before" and (out / "stack_x2.tif").exists()
+    assert "1 skipped (their outputs exist)" in err
+    assert main(["predict", str(d / "plane.npy"), "-o", str(out), "--skip-existing", "--overwrite"]) == 2

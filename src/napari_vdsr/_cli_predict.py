@@ -52,7 +52,8 @@ JPEG inputs are written as JPEG at --jpeg-quality 95, except for --task deblock,
 whose results are written as PNG (re-encoding them as JPEG would bring the
 blocks back).  Use --format to choose another output format.
 
-Existing outputs are kept unless --overwrite is given; an input file is never
+Existing outputs are kept unless --overwrite is given (--skip-existing: inputs whose
+output exists are skipped, so a batch can be run again for what is missing); an input file is never
 overwritten, and an output is only put in place once it is complete.  A file that
 fails is reported and the others are still processed; the exit status is then
 non-zero.  On a GPU out-of-memory error the tile size is halved and the run goes on.
@@ -94,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output format (default: the input's, see above)")
     p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q", help="quality of JPEG outputs (default 95)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose output exists (not an error): rerun a batch for the missing outputs only")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-file lines (errors are printed)")
     p.set_defaults(func=cmd_predict)
 
@@ -340,6 +343,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         raise InputError(f"--tile must be at least 16 px, got {a.tile}; {DEFAULT_TILE} is a good default.")
     if not 1 <= a.jpeg_quality <= 100:
         raise InputError(f"--jpeg-quality must be in 1..100, got {a.jpeg_quality}.")
+    if a.skip_existing and a.overwrite:
+        raise InputError("--skip-existing keeps existing outputs and --overwrite replaces them: give one of them.")
     device = resolve_device(a.device)
     # each argument on its own: a pattern that matches nothing is reported, the other inputs still run
     inputs, failed, seen, errors = [], [], set(), []
@@ -397,7 +402,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         if first is not inp:
             clash[inp] = (f"{inp}: its output {dest} would be the same file as that of {first}; write them to "
                           "different -o folders, or rename one of them")
-    written, mpx_total, t_start = 0, 0.0, time.perf_counter()
+    written, skipped, mpx_total, t_start = 0, [], 0.0, time.perf_counter()
     tiff_log = logging.getLogger("tifffile")  # corrupt files are reported once, as errors, below
     tiff_level = tiff_log.level
     tiff_log.setLevel(logging.ERROR)
@@ -409,6 +414,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 if inp in clash:
                     failed.append(str(inp))
                     say(f"napari-vdsr: error: {clash[inp]}.")
+                    files_bar.update(1)
+                    continue
+                if a.skip_existing and (dest.exists() or dest.is_symlink()) and dest.resolve() not in in_paths:
+                    skipped.append(str(inp))
+                    if show:
+                        say(f"{inp}: skipped, {dest} exists")
                     files_bar.update(1)
                     continue
                 t0 = time.perf_counter()
@@ -436,12 +447,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
         files_bar.close()
         tiff_log.setLevel(tiff_level)
     elapsed = time.perf_counter() - t_start
+    skip_note = f", {len(skipped)} skipped (their outputs exist)" if skipped else ""
     if failed:
-        print(f"napari-vdsr: {len(failed)} of {len(inputs) + len(errors)} file(s) failed, {written} written "
+        print(f"napari-vdsr: {len(failed)} of {len(inputs) + len(errors)} file(s) failed, {written} written{skip_note} "
               f"({elapsed:.1f} s); failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    if show:
-        print(f"napari-vdsr: {written} file(s) written to {out} in {elapsed:.1f} s "
+    if show or skipped:
+        print(f"napari-vdsr: {written} file(s) written to {out}{skip_note} in {elapsed:.1f} s "
               f"({mpx_total:.3g} output Mpx, {mpx_total / max(elapsed, 1e-9):.3g} Mpx/s) on {device}", file=sys.stderr)
     return 0
 
