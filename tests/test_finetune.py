@@ -354,3 +354,24 @@ def test_two_channels_last_train_as_two_planes_not_as_slivers() -> None:
     assert [p.data.shape for p in planes] == [(64, 80), (64, 80)]
     lo, hi = two.min(), two.max()
     np.testing.assert_allclose(planes[1].data, (two[..., 1] - lo) / (hi - lo), atol=1e-6)
+
+
+def test_finetune_resume_reads_its_images_from_the_run(tiny_base: Path, stack: np.ndarray, tif: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    """The run records the image files it trained on: --resume without --images goes on with them."""
+    from napari_vdsr.core.train import load_checkpoint
+
+    out = tmp_path / "ft"
+    assert cli_main(_ft_cli(tif, out, "--task", "sr", "--from", str(tiny_base))) == 0
+    assert json.loads((out / "config.json").read_text())["data"] == [str(tif.resolve())]
+    capsys.readouterr()
+    args = [a for a in _ft_cli(tif, out, "--task", "sr", "--resume", "--iterations", "6") if a not in ("--images", str(tif))]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    assert "changed on the command line: iterations 4 -> 6" in capsys.readouterr().err  # not the images
+    # a run fine-tuned on arrays (napari layers) has no files to go back to: it says to give them
+    arr_out = tmp_path / "ft-arrays"
+    list(make_finetune_trainer("sr", images=[stack], base_model=str(tiny_base), out=str(arr_out), device="cpu",
+                               iterations=2, batch_size=4, patch_size=24, val_every=2, val_crop=64).run())
+    with pytest.raises(TrainingError, match="give the images again"):
+        make_finetune_trainer("sr", base_model=None, out=str(arr_out), resume=True, device="cpu")

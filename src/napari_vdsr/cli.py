@@ -294,7 +294,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from .core.finetune import make_finetune_trainer
     from .core.io import read_image
 
-    if not a.images and not a.pairs:
+    if not a.images and not a.pairs and not a.resume:  # a resumed run reads the image files it recorded
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
     if a.images and a.pairs:
         raise SystemExit("napari-vdsr finetune: give either --images (clean images, degraded on the fly) or --pairs "

@@ -48,6 +48,28 @@ def _as_lists(images: Any, pairs: Any, scales: Any) -> tuple[list, list, list[fl
     return list(images), pairs, [float(x) for x in scales]
 
 
+def _saved_images(out: Optional[str]) -> list[str]:
+    """The image files a fine-tune in ``out`` recorded (its config.json ``data``), for a resume without them.
+
+    Raises :class:`TrainingError` when the run recorded none (it trained on arrays, e.g. napari
+    layers, or on a pair) or is not there.
+    """
+    data = []
+    if out and (Path(out) / "config.json").is_file():
+        try:
+            data = json.loads((Path(out) / "config.json").read_text()).get("data") or []
+        except (OSError, ValueError, AttributeError):
+            data = []
+    if not data:
+        raise TrainingError(f"the run in {out} did not record image files (it trained on arrays or a pair, or it is "
+                            "not there): give the images again (--images, or --pairs DEGRADED CLEAN) to resume it.")
+    missing = [d for d in data if not any(ch in d for ch in "*?[") and not Path(d).exists()]
+    if missing:
+        raise TrainingError(f"the run in {out} trained on {', '.join(missing)}, which no longer exist(s); give the "
+                            "images again (--images) to resume it.")
+    return list(data)
+
+
 def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Optional[tuple[str, dict, dict]]:
     """What a fine-tune resumed in ``out`` started from: (init_from, architecture, finetuned_from).
 
@@ -119,6 +141,8 @@ def make_finetune_trainer(
     if task not in TASK_LABELS:
         raise TrainingError(f"unknown task {task!r}; choose sr, denoise or deblock.")
     images, pairs, scales = _as_lists(images, pairs, scales)
+    if resume and not images and not pairs:  # the image files the run recorded (config.json "data")
+        images = _saved_images(out)
     if not images and not pairs:
         raise TrainingError("give clean images (or a degraded/clean pair) to fine-tune on.")
     saved = _saved_run(out, task, base_model) if resume else None
@@ -136,6 +160,9 @@ def make_finetune_trainer(
         finetuned_from = {"model": str(base), "path": card["path"], "name": card.get("name")}
     params = dict(FINETUNE_DEFAULTS)
     params.update({k: v for k, v in overrides.items() if v is not None})
+    # the image files are recorded (config.json), so that --resume can read them again; arrays cannot be
+    files = [str(Path(x).resolve()) for x in images if _is_path(x)] if not pairs else []
+    params.setdefault("data", files)
     cfg = TrainConfig(task=task, scales=[float(s) for s in scales], init_from=init_from, out=out, name=name,
                       depth=arch.get("depth", 20), width=arch.get("width", 64), quantize=False, **params)
     extra = {"finetuned_from": finetuned_from, "default_for": []}
