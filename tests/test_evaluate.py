@@ -263,3 +263,25 @@ def test_hidden_files_are_skipped_and_grey_with_alpha_scores_as_grey(sr_dataset,
     Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(la / "b.png")
     as_l = evaluate_dataset(solo, scale=2, model="bicubic", device="cpu")["psnr"]
     assert evaluate_dataset(la, scale=2, model="bicubic", device="cpu")["psnr"] == pytest.approx(as_l, abs=1e-9)
+
+
+def test_cli_goes_on_past_an_image_it_cannot_score_and_says_so(sr_dataset, tmp_path, capsys):
+    """A stack in the folder is reported (and listed in the JSON) instead of losing the images scored."""
+    import tifffile
+
+    hr = sr_dataset / "x2" / "HR"
+    ref = evaluate_dataset(hr, scale=2, model="bicubic")  # the three images alone
+    tifffile.imwrite(hr / "zstack.tif", np.zeros((5, 32, 32), np.uint16), photometric="minisblack")  # not 2-D
+    out = tmp_path / "ev.json"
+    rc = main(["evaluate", "--dataset", str(hr), "--task", "sr", "--scale", "2", "--model", "bicubic",
+               "--json", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1  # a script sees that not every image was scored
+    assert "zstack.tif" in captured.err and "split stacks" in captured.err
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["per_image"]] == ["a.png", "b.png", "c.png"]
+    assert [s["name"] for s in res["skipped"]] == ["zstack.tif"] and "over 3 of 4 images" in captured.out
+    assert res["psnr"] == pytest.approx(ref["psnr"])
+    with pytest.raises(InputError, match="zstack"):  # the API raises unless asked to skip
+        evaluate_dataset(hr, scale=2, model="bicubic")
+    assert [s["name"] for s in evaluate_dataset(hr, scale=2, model="bicubic", skip_bad=True)["skipped"]] == ["zstack.tif"]

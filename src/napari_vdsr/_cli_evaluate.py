@@ -101,24 +101,36 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     model = a.method if a.method is not None else a.model
     per_image: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     bar = None
     import time
+    import warnings
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        tqdm.write(f"napari-vdsr: warning: {message}", file=sys.stderr)
 
     t0 = time.monotonic()
     try:
-        for done, total, rec in iter_evaluate(a.dataset, task=a.task, scale=a.scale, model=model, sigma=a.sigma,
-                                              quality=a.quality, device=a.device, generate_lr=a.generate_lr,
-                                              limit=a.limit, ensemble=a.ensemble):
-            if done == 0:
-                result.update(rec)
-                bar = tqdm(total=total, desc="evaluate", unit="img", disable=a.quiet, dynamic_ncols=True, file=sys.stderr)
-                continue
-            per_image.append(rec)
-            bar.update(1)
-            bar.set_postfix_str(f"{rec['name']} {rec['psnr']:.2f} dB", refresh=False)
-            if a.per_image:
-                tqdm.write(f"  {rec['name']}: PSNR {rec['psnr']:.3f} dB  SSIM {rec['ssim']:.4f}", file=sys.stdout)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            for done, total, rec in iter_evaluate(a.dataset, task=a.task, scale=a.scale, model=model, sigma=a.sigma,
+                                                  quality=a.quality, device=a.device, generate_lr=a.generate_lr,
+                                                  limit=a.limit, ensemble=a.ensemble, skip_bad=True):
+                if done == 0:
+                    result.update(rec)
+                    bar = tqdm(total=total, desc="evaluate", unit="img", disable=a.quiet, dynamic_ncols=True,
+                               file=sys.stderr)
+                    continue
+                bar.update(1)
+                if "error" in rec:  # reported, left out of the means; the exit status says so
+                    skipped.append(rec)
+                    tqdm.write(f"napari-vdsr: error: {rec['error']} (skipped)", file=sys.stderr)
+                    continue
+                per_image.append(rec)
+                bar.set_postfix_str(f"{rec['name']} {rec['psnr']:.2f} dB", refresh=False)
+                if a.per_image:
+                    tqdm.write(f"  {rec['name']}: PSNR {rec['psnr']:.3f} dB  SSIM {rec['ssim']:.4f}", file=sys.stdout)
     finally:
         if bar is not None:
             bar.close()
@@ -129,13 +141,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     result["psnr"] = float(np.mean([r["psnr"] for r in per_image]))
     result["ssim"] = float(np.mean([r["ssim"] for r in per_image]))
     result["per_image"] = per_image
+    if skipped:
+        result["skipped"] = skipped
     result["seconds"] = round(time.monotonic() - t0, 3)
     if a.json_path:
         out = Path(a.json_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+    n = f"{len(per_image)} of {len(per_image) + len(skipped)} images" if skipped else f"{len(per_image)} images"
     print(f"{_fmt_settings(result)}: PSNR {result['psnr']:.3f} dB, SSIM {result['ssim']:.4f} "
-          f"over {len(per_image)} images" + (f" -> {a.json_path}" if a.json_path else ""))
+          f"over {n}" + (f" -> {a.json_path}" if a.json_path else ""))
+    if skipped:
+        print(f"napari-vdsr: {len(skipped)} image(s) could not be scored and are not in the means: "
+              f"{', '.join(s['name'] for s in skipped)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -372,12 +372,14 @@ def iter_evaluate(
     generate_lr: bool = False,
     limit: int | None = None,
     ensemble: bool = False,
+    skip_bad: bool = False,
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Evaluate image by image; yields ``(done, total, record)`` after each image.
 
     The first item is ``(0, total, settings)`` with the resolved settings (method,
     model card, folders).  Stop iterating to cancel.  Parameters as in
-    :func:`evaluate_dataset`.
+    :func:`evaluate_dataset`; with ``skip_bad`` an image that cannot be scored (a stack, 16-bit
+    RGB, no LR image) yields ``{"name", "error"}`` instead of raising.
     """
     from .device import resolve_device
     from .weights import TASKS
@@ -418,12 +420,19 @@ def iter_evaluate(
     }
     yield 0, len(files), settings
     for i, f in enumerate(files):
-        lr_path = None
-        if lr_dir is not None:
-            lr_path = lr_dir / f.name
-            if not lr_path.is_file():
-                raise InputError(f"{lr_dir} has no LR image {f.name} for {f}; add it, or pass --generate-lr to make all LR images from HR.")
-        sample = prepare_sample(f, i, task=task, scale=scale, lr_path=lr_path, sigma=sigma, quality=quality)
+        try:
+            lr_path = None
+            if lr_dir is not None:
+                lr_path = lr_dir / f.name
+                if not lr_path.is_file():
+                    raise InputError(f"{lr_dir} has no LR image {f.name} for {f}; add it, or pass --generate-lr to make "
+                                     "all LR images from HR.")
+            sample = prepare_sample(f, i, task=task, scale=scale, lr_path=lr_path, sigma=sigma, quality=quality)
+        except InputError as exc:
+            if not skip_bad:
+                raise
+            yield i + 1, len(files), {"name": f.name, "error": str(exc)}
+            continue
         rec, _ = score_sample(sample, net, dev, ensemble=ensemble)
         yield i + 1, len(files), rec
 
@@ -440,6 +449,7 @@ def evaluate_dataset(
     generate_lr: bool = False,
     limit: int | None = None,
     ensemble: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model (or the bicubic / input baseline) on a dataset with the paper's protocol.
 
@@ -467,6 +477,9 @@ def evaluate_dataset(
         Make LR images from HR even where an ``LR/`` folder exists.
     limit : int, optional
         Evaluate only the first ``limit`` images.
+    skip_bad : bool
+        Go on past an image that cannot be scored (a stack, 16-bit RGB, a missing LR image): it is
+        listed in ``skipped`` (``{"name", "error"}``) and left out of the means. Default: raise.
     ensemble : bool
         Score the geometric self-ensemble (mean over the 8 rotations / mirror images;
         8x the time) instead of one forward pass.
@@ -484,14 +497,15 @@ def evaluate_dataset(
     """
     t0 = time.monotonic()
     per_image: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     for done, total, rec in iter_evaluate(dataset_dir, task=task, scale=scale, model=model, sigma=sigma,
                                           quality=quality, device=device, generate_lr=generate_lr, limit=limit,
-                                          ensemble=ensemble):
+                                          ensemble=ensemble, skip_bad=skip_bad):
         if done == 0:
             result.update(rec)
             continue
-        per_image.append(rec)
+        (skipped if "error" in rec else per_image).append(rec)
         if progress is not None:
             progress(done, total, rec)
     if not per_image:
@@ -499,6 +513,8 @@ def evaluate_dataset(
     result["psnr"] = float(np.mean([r["psnr"] for r in per_image]))
     result["ssim"] = float(np.mean([r["ssim"] for r in per_image]))
     result["per_image"] = per_image
+    if skip_bad:
+        result["skipped"] = skipped
     result["seconds"] = round(time.monotonic() - t0, 3)
     return result
 
