@@ -235,8 +235,9 @@ def test_a_non_8_bit_colour_tiff_is_named_as_read_as_rgb(tmp_path, tiny_model, c
     """tifffile saves any (H, W, 3) array as RGB: a 3-channel float stack is then restored as one colour
     image; predict says so and how to restore the channels instead."""
     rng = np.random.default_rng(0)
-    tifffile.imwrite(tmp_path / "yxc.tif", rng.random((20, 24, 3)).astype(np.float32))  # photometric RGB
-    tifffile.imwrite(tmp_path / "rgb8.tif", rng.integers(0, 256, (20, 24, 3)).astype(np.uint8))
+    # (tifffile's default for such arrays until now; stated, as later versions change the default)
+    tifffile.imwrite(tmp_path / "yxc.tif", rng.random((20, 24, 3)).astype(np.float32), photometric="rgb")
+    tifffile.imwrite(tmp_path / "rgb8.tif", rng.integers(0, 256, (20, 24, 3)).astype(np.uint8), photometric="rgb")
     assert predict(tmp_path / "yxc.tif", tmp_path / "rgb8.tif", "-o", tmp_path / "o", "--model", tiny_model) == 0
     err = capsys.readouterr().err
     assert "yxc.tif" in err and "--axes YXC" in err and "luminance" in err
