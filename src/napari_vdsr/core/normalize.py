@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -88,11 +89,14 @@ def pair_extremes(data, yx: tuple[int, int] = (-2, -1)):
     rest = [d for d in range(nd) if d not in lead]  # the two image axes, in the array's order
     view = np.moveaxis(data, lead, list(range(len(lead)))) if lead else data
     n_lead = int(np.prod(view.shape[: len(lead)])) if lead else 1
-    planes = view.reshape((n_lead,) + view.shape[len(lead):])
-    per = max(1, (1 << 24) // max(1, planes[0].nbytes))  # planes per slab: ~16 MB of input at a time
+    if lead == list(range(len(lead))) and data.flags.c_contiguous:  # a view: slabs of ~16 MB of planes
+        planes = view.reshape((n_lead,) + view.shape[len(lead):])
+        per = max(1, (1 << 24) // max(1, planes[0].nbytes))
+        blocks: Any = (planes[i:i + per] for i in range(0, n_lead, per))
+    else:  # strided (e.g. RGB samples last): plane by plane, never a copy of the whole array
+        blocks = (view[idx][None] for idx in np.ndindex(*view.shape[: len(lead)]))
     lo, hi = None, None
-    for i in range(0, n_lead, per):
-        block = planes[i:i + per]
+    for block in blocks:
         for a in (1 + rest.index(d) for d in axes):
             a0 = block[(slice(None),) * a + (slice(None, -1),)]
             a1 = block[(slice(None),) * a + (slice(1, None),)]
