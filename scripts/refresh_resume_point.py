@@ -1,9 +1,10 @@
 """Refresh the SR cycle's resume point in the package from its run, and optionally commit it.
 
-    python scripts/refresh_resume_point.py [--commit] [--every MINUTES]
+    python scripts/refresh_resume_point.py [--commit] [--every MINUTES] [--last]
 
 Reads scripts/sr_cycle.json; when ``runs/<run>/best.safetensors`` (the run's best-validated EMA
-weights) is at a later step than the package's ``<resume_point>`` model, re-bundles it under that
+weights; with ``--last``, ``last.safetensors``, the EMA weights a stopped run exports at its last
+step) is at a later step than the package's ``<resume_point>`` model, re-bundles it under that
 name with ``scripts/bundle_model.py`` (not a default) and, with ``--commit``, commits only those two
 files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
 without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
@@ -31,13 +32,14 @@ def card_step(card_path: Path) -> int:
     return int(c.get("training", {}).get("steps") or c.get("metrics", {}).get("validation", {}).get("step") or -1)
 
 
-def note_for(cycle: dict, step: int, val: dict) -> str:
+def note_for(cycle: dict, step: int, val: dict, which: str = "best-validated") -> str:
     per = val.get("per_level") or {}
     scales = ", ".join(f"x{k} {v:.3f}" for k, v in sorted(per.items()))
     psnr = val.get("psnr")
+    at = f" at step {int(val['step']):,}" if val.get("step") not in (None, step) else ""
     return (f"Resume point of the SR cycle in progress (runs/{cycle['run']}, scripts/sr_cycle.json), not a default: "
-            f"the run's best-validated EMA weights, step {step:,} (lr schedule: 1e-4 to step {cycle['decay_start']:,}, "
-            f"cosine to 1e-6 at {cycle['iterations']:,}; --ema 0.999). Photos (training's validation) "
+            f"the run's {which} EMA weights, step {step:,} (lr schedule: 1e-4 to step {cycle['decay_start']:,}, "
+            f"cosine to 1e-6 at {cycle['iterations']:,}; --ema 0.999). Photos (training's validation{at}) "
             + (f"{psnr:.3f} ({scales})" if psnr is not None else "not measured")
             + f". By the rule fixed before the cycle ran (docs/training.md, '{cycle['rule']}') only its last weights "
             f"at step {cycle['iterations']:,} may replace the default. Without runs/, scripts/train_bundled.sh sr "
@@ -45,11 +47,11 @@ def note_for(cycle: dict, step: int, val: dict) -> str:
             "Refreshed by scripts/refresh_resume_point.py while the run trained.")
 
 
-def refresh(commit: bool, root: Path = ROOT) -> bool:
-    """Re-bundle the run's best weights as the resume point when they are newer; True when it did."""
+def refresh(commit: bool, root: Path = ROOT, last: bool = False) -> bool:
+    """Re-bundle the run's best (``last``: last) weights as the resume point when they are newer; True when it did."""
     weights = root / "src" / "napari_vdsr" / "weights"
     cycle = json.loads((root / "scripts" / "sr_cycle.json").read_text())
-    best = root / "runs" / cycle["run"] / "best.safetensors"
+    best = root / "runs" / cycle["run"] / ("last.safetensors" if last else "best.safetensors")
     name = cycle["resume_point"]
     if not best.is_file():
         print(f"refresh_resume_point: no {best.relative_to(root)} yet", flush=True)
@@ -60,7 +62,8 @@ def refresh(commit: bool, root: Path = ROOT) -> bool:
     if bundled:
         val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
         subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
-                        "--note", note_for(cycle, step, val), "--dir", str(weights)], check=True, cwd=root)
+                        "--note", note_for(cycle, step, val, "last (a stopped run's)" if last else "best-validated"),
+                        "--dir", str(weights)], check=True, cwd=root)
     else:
         print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to bundle",
               flush=True)
@@ -82,10 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--commit", action="store_true", help="commit the refreshed files (only those)")
     ap.add_argument("--every", type=float, default=None, metavar="MINUTES", help="repeat every so many minutes")
+    ap.add_argument("--last", action="store_true", help="the run's last export (after it stopped), not its best")
     a = ap.parse_args()
     while True:
         try:
-            refresh(a.commit)
+            refresh(a.commit, last=a.last)
         except subprocess.CalledProcessError as e:  # a failed bundle (e.g. the file mid-write) is tried again later
             print(f"refresh_resume_point: failed ({e}); trying again next time", flush=True)
         if a.every is None:

@@ -296,3 +296,13 @@ def test_refresh_resume_point_bundles_and_commits_only_newer_weights(tmp_path: P
     status = subprocess.run(["git", "status", "--short"], cwd=repo, capture_output=True, text=True).stdout
     assert "M  other.txt" in status  # still staged, not committed
     assert refresh.refresh(commit=True, root=repo) is False  # the same step again: nothing to do
+    # a stopped run's last export, further on than its best, when asked for (the end of a session)
+    from napari_vdsr.core.weights import save_model
+
+    run_copy = repo / "runs" / cycle["run"]
+    net, card = load_model(str(run_copy / "last.safetensors"))
+    card["training"]["steps"] = step + 3
+    save_model(net, run_copy / "last.safetensors", card)
+    assert refresh.refresh(commit=True, root=repo, last=True) is True
+    _, card = load_model(str(weights / f"{cycle['resume_point']}.safetensors"))
+    assert card["training"]["steps"] == step + 3 and "last (a stopped run's)" in card["note"]
