@@ -95,60 +95,49 @@ def _fmt_settings(s: dict[str, Any]) -> str:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     """Run ``napari-vdsr evaluate``."""
+    import warnings
+
     from tqdm import tqdm
 
-    from .core.evaluate import iter_evaluate
+    from .core.evaluate import evaluate_dataset
 
     model = a.method if a.method is not None else a.model
-    per_image: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
     bar = None
-    import time
-    import warnings
+
+    def progress(done: int, total: int, rec: dict[str, Any]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="evaluate", unit="img", disable=a.quiet, dynamic_ncols=True, file=sys.stderr)
+        bar.update(1)
+        if "error" in rec:  # reported, left out of the means; the exit status says so
+            tqdm.write(f"napari-vdsr: error: {rec['error']} (skipped)", file=sys.stderr)
+            return
+        bar.set_postfix_str(f"{rec['name']} {rec['psnr']:.2f} dB", refresh=False)
+        if a.per_image:
+            tqdm.write(f"  {rec['name']}: PSNR {rec['psnr']:.3f} dB  SSIM {rec['ssim']:.4f}", file=sys.stdout)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         tqdm.write(f"napari-vdsr: warning: {message}", file=sys.stderr)
 
-    t0 = time.monotonic()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
-            for done, total, rec in iter_evaluate(a.dataset, task=a.task, scale=a.scale, model=model, sigma=a.sigma,
-                                                  quality=a.quality, device=a.device, generate_lr=a.generate_lr,
-                                                  limit=a.limit, ensemble=a.ensemble, skip_bad=True):
-                if done == 0:
-                    result.update(rec)
-                    bar = tqdm(total=total, desc="evaluate", unit="img", disable=a.quiet, dynamic_ncols=True,
-                               file=sys.stderr)
-                    continue
-                bar.update(1)
-                if "error" in rec:  # reported, left out of the means; the exit status says so
-                    skipped.append(rec)
-                    tqdm.write(f"napari-vdsr: error: {rec['error']} (skipped)", file=sys.stderr)
-                    continue
-                per_image.append(rec)
-                bar.set_postfix_str(f"{rec['name']} {rec['psnr']:.2f} dB", refresh=False)
-                if a.per_image:
-                    tqdm.write(f"  {rec['name']}: PSNR {rec['psnr']:.3f} dB  SSIM {rec['ssim']:.4f}", file=sys.stdout)
+            result = evaluate_dataset(a.dataset, task=a.task, scale=a.scale, model=model, sigma=a.sigma,
+                                      quality=a.quality, device=a.device, progress=progress,
+                                      generate_lr=a.generate_lr, limit=a.limit, ensemble=a.ensemble, skip_bad=True)
     finally:
         if bar is not None:
             bar.close()
-    if not per_image:
-        from .core.errors import InputError
-
-        raise InputError(f"dataset {a.dataset}: no image was evaluated.")
-    result["psnr"] = float(np.mean([r["psnr"] for r in per_image]))
-    result["ssim"] = float(np.mean([r["ssim"] for r in per_image]))
-    result["per_image"] = per_image
+    skipped = result.pop("skipped")
     if skipped:
         result["skipped"] = skipped
-    result["seconds"] = round(time.monotonic() - t0, 3)
+        result["seconds"] = result.pop("seconds")  # kept last in the JSON, as before
     if a.json_path:
         out = Path(a.json_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    n = f"{len(per_image)} of {len(per_image) + len(skipped)} images" if skipped else f"{len(per_image)} images"
+    n_ok = len(result["per_image"])
+    n = f"{n_ok} of {n_ok + len(skipped)} images" if skipped else f"{n_ok} images"
     print(f"{_fmt_settings(result)}: PSNR {result['psnr']:.3f} dB, SSIM {result['ssim']:.4f} "
           f"over {n}" + (f" -> {a.json_path}" if a.json_path else ""))
     if skipped:

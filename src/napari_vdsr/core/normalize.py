@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Intensity", "intensity_range", "check_dtype", "pair_extremes", "range_without_outliers", "clip_outliers"]
+__all__ = ["Intensity", "intensity_range", "check_dtype", "pair_extremes", "range_without_outliers", "clip_outliers",
+           "intensity_from_extremes"]
 
 
 def check_dtype(dtype: np.dtype) -> None:
@@ -128,30 +129,43 @@ def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (
     Values outside the range pass through the network's affine map unclipped. Computed lazily
     for dask arrays.
     """
-    from .errors import InputError
-
     dtype = np.dtype(dtype if dtype is not None else data.dtype)
     check_dtype(dtype)
     if dtype == np.uint8:
         return Intensity(0.0, 255.0)
-    lo = data.min()
-    hi = data.max()
     use_pairs = robust and data.ndim >= 2
-    plo, phi = pair_extremes(data, yx) if use_pairs else (lo, hi)
-    if hasattr(lo, "compute"):
+    lo, hi = data.min(), data.max()
+    if hasattr(lo, "compute"):  # dask: one pass for the extremes and the pairs
         import dask
 
+        plo, phi = pair_extremes(data, yx) if use_pairs else (lo, hi)
         lo, hi, plo, phi = dask.compute(lo, hi, plo, phi)
+        return intensity_from_extremes(float(lo), float(hi), float(plo), float(phi), dtype)
     lo, hi = float(lo), float(hi)
+    if not use_pairs or not (np.isfinite(lo) and np.isfinite(hi)) or _unit_float(dtype, lo, hi):
+        return intensity_from_extremes(lo, hi, lo, hi, dtype)  # no pass over the pairs needed
+    plo, phi = pair_extremes(data, yx)
+    return intensity_from_extremes(lo, hi, float(plo), float(phi), dtype)
+
+
+def _unit_float(dtype: np.dtype, lo: float, hi: float) -> bool:
+    return dtype.kind == "f" and lo >= 0.0 and hi <= 1.0
+
+
+def intensity_from_extremes(lo: float, hi: float, plo: float, phi: float, dtype: np.dtype) -> Intensity:
+    """The :class:`Intensity` of non-8-bit data from its extremes ``lo, hi`` and its pair extremes
+    ``plo, phi`` (:func:`pair_extremes`; give ``lo, hi`` again for the plain range): float data
+    inside [0, 1] → [0, 1], else the range without outliers (:func:`range_without_outliers`).
+    Shared by :func:`intensity_range` and the streamed reads of :mod:`.restore`.
+    """
+    from .errors import InputError
+
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InputError(
             "the image contains NaN or infinite values; replace them first "
             "(e.g. np.nan_to_num(image)) and try again."
         )
-    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+    if _unit_float(np.dtype(dtype), lo, hi):
         return Intensity(0.0, 1.0)
-    if use_pairs:
-        lo, hi = range_without_outliers(lo, hi, float(plo), float(phi))
-    if hi <= lo:
-        hi = lo + 1.0
-    return Intensity(lo, hi)
+    lo, hi = range_without_outliers(lo, hi, plo, phi)
+    return Intensity(lo, hi if hi > lo else lo + 1.0)

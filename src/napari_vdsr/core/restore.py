@@ -560,7 +560,7 @@ def _intensity(job: _Job):
     The alpha of an RGBA image is left out: an opaque alpha at the dtype's top would squeeze the
     colours into a sliver of the network's range (and training maps RGB(A) images by their colours).
     """
-    from .normalize import Intensity, intensity_range, pair_extremes, range_without_outliers
+    from .normalize import Intensity, intensity_from_extremes, intensity_range, pair_extremes
 
     img, dtype = job.img, job.dtype
     if dtype == np.uint8:
@@ -582,10 +582,7 @@ def _intensity(job: _Job):
             lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
             a, b = pair_extremes(p, (0, 1))  # pairs split by a slab edge are not seen (a rare narrowing)
             plo, phi = min(plo, float(a)), max(phi, float(b))
-    if dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        return Intensity(0.0, 1.0)
-    lo, hi = range_without_outliers(lo, hi, plo, phi)  # as intensity_range does in one piece
-    return Intensity(lo, hi if hi > lo else lo + 1.0)
+    return intensity_from_extremes(lo, hi, plo, phi, dtype)
 
 
 def _upsample_on_device(device: torch.device) -> bool:
