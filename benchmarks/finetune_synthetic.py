@@ -13,7 +13,6 @@ import argparse
 import tempfile
 import time
 
-import numpy as np
 
 from napari_vdsr.core.finetune import make_finetune_trainer
 from napari_vdsr.core.synthetic import synthetic_cells

@@ -274,6 +274,42 @@ def test_pairs_that_cannot_train_right_are_refused(tiny_base: Path, tif: Path, t
     assert not (tmp_path / "ft").exists()
 
 
+def test_paired_finetune_resume_reads_its_pairs_from_the_run(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    """finetune --pairs records the pair's files: --resume without --pairs goes on with the same pair."""
+    from napari_vdsr.core.train import load_checkpoint
+
+    clean = synthetic_cells((3, 96, 96), seed=5)
+    rng = np.random.default_rng(5)
+    noisy = np.clip(clean + rng.normal(0, 2000, clean.shape), 0, 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "clean.tif", clean, photometric="minisblack")
+    out = tmp_path / "ft"
+    common = ["--task", "denoise", "--iterations", "4", "--batch-size", "4", "--patch-size", "24", "--val-every", "2",
+              "--val-crop", "64", "--device", "cpu", "--out", str(out), "--quiet"]
+    assert cli_main(["finetune", "--pairs", str(tmp_path / "noisy.tif"), str(tmp_path / "clean.tif"),
+                     "--from", str(tiny_base), *common]) == 0, capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"] == [] and cfg["pair_data"] == [[str((tmp_path / "noisy.tif").resolve()),
+                                                     str((tmp_path / "clean.tif").resolve())]]
+    first = capsys.readouterr().err
+    assert "(input " in first and "bicubic" not in first  # a pair is scored against its degraded input
+    resumed = [a if a != "4" else "6" for a in common] + ["--resume"]
+    assert cli_main(["finetune", *resumed]) == 0, capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+    # the pair gone: the resume says which file is missing and to give the pair again
+    (tmp_path / "clean.tif").unlink()
+    with pytest.raises(TrainingError, match="clean.tif, which no longer exist.*--pairs DEGRADED CLEAN"):
+        make_finetune_trainer("denoise", out=str(out), resume=True, device="cpu")
+    # pairs given as arrays (napari layers) are not files: nothing is recorded, and a resume asks for them
+    arr_out = tmp_path / "ft-arrays"
+    tr = make_finetune_trainer("denoise", pairs=[(noisy, clean)], base_model=str(tiny_base), out=str(arr_out),
+                               device="cpu", iterations=2, batch_size=4, patch_size=24, val_every=2, val_crop=64)
+    assert tr.paired and tr.config.pair_data == []
+    list(tr.run())
+    with pytest.raises(TrainingError, match="give the images again"):
+        make_finetune_trainer("denoise", out=str(arr_out), resume=True, device="cpu")
+
+
 def test_a_constant_validation_plane_leaves_strict_json(tiny_base: Path, tmp_path: Path) -> None:
     planes = synthetic_cells((4, 96, 96), seed=4)
     planes[:] = 1000  # bicubic restores a constant plane exactly: its PSNR is infinite

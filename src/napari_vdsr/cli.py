@@ -108,7 +108,7 @@ def _add_train_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
 
 #: TrainConfig fields that no command-line option sets (the Python API's): every other field has
 #: an option, whose destination is the field's name or the one in :data:`_DEST_FIELD`
-_NOT_ON_COMMAND_LINE = {"quantize", "val_levels"}
+_NOT_ON_COMMAND_LINE = {"quantize", "val_levels", "pair_data"}  # pair_data: finetune --pairs records its files
 
 
 def _config_from_args(a: argparse.Namespace, finetune: bool = False):
@@ -152,7 +152,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
 _MACHINE_FIELDS = ("device", "workers", "micro_batch", "checkpoint_minutes", "checkpoint_every", "out")
 #: TrainConfig fields that ``finetune`` does not pass on as overrides: the model's shape and data
 #: come from the base model and the command's own arguments
-_FINETUNE_OWN = {"data", "task", "scales", "depth", "width", "transfer", "out", "name", "init_from", "start_step",
+_FINETUNE_OWN = {"data", "pair_data", "task", "scales", "depth", "width", "transfer", "out", "name", "init_from", "start_step",
                  "quantize", "val_levels"}
 #: command-line destinations whose TrainConfig field has another name
 _DEST_FIELD = {"no_amp": "amp", "images": "data", "scale": "scales"}
@@ -266,7 +266,7 @@ def _consume_training(trainer, quiet: bool, tqdm) -> int:
         elif ev.kind in ("done", "stopped"):
             if bar is not None:
                 bar.close()
-            what = "bicubic" if trainer.config.task == "sr" and not getattr(trainer, "_pairs", None) else "input"
+            what = "bicubic" if trainer.config.task == "sr" and not trainer.paired else "input"
             print(f"napari-vdsr: {ev.message}; best validation PSNR "
                   f"{'%.3f dB' % ev.best_psnr if ev.best_psnr is not None else 'n/a'}"
                   + (f" (input {input_psnr:.3f} dB, {what})" if input_psnr is not None else "")
@@ -292,7 +292,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .core.finetune import make_finetune_trainer
-    from .core.io import read_image
 
     if not a.images and not a.pairs and not a.resume:  # a resumed run reads the image files it recorded
         raise SystemExit("napari-vdsr finetune: give --images PATH... or --pairs DEGRADED CLEAN")
@@ -301,7 +300,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          "DEGRADED CLEAN, not both")
     cfg = _config_from_args(a, finetune=True)
     overrides = cfg.model_dump(exclude=_FINETUNE_OWN)
-    pairs = [(read_image(a.pairs[0]), read_image(a.pairs[1]))] if a.pairs else None
+    pairs = [tuple(a.pairs)] if a.pairs else None  # read by make_finetune_trainer, which records the files
     trainer = make_finetune_trainer(
         a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from, scales=cfg.scales,
         out=a.out, name=cfg.name, resume=a.resume, **overrides,

@@ -400,6 +400,16 @@ class PairSampler:
         return np.stack(inp)[:, None].astype(np.float32), np.stack(tgt)[:, None].astype(np.float32)
 
 
+def load_pairs(pairs: Sequence[tuple[object, object]], task: str = "sr",
+               scales: Optional[Sequence[float]] = None) -> list[tuple[Plane, Plane]]:
+    """The training planes of registered (degraded, clean) pairs, each given as arrays or image paths."""
+    out: list[tuple[Plane, Plane]] = []
+    for i, (d, c) in enumerate(pairs):
+        d, c = (read_image(x) if isinstance(x, (str, os.PathLike)) else np.asarray(x) for x in (d, c))
+        out.extend(planes_from_pair(d, c, task=task, name=f"pair{i}", scales=scales))
+    return out
+
+
 def split_pairs(pairs: list[tuple[Plane, Plane]], fraction: float) -> tuple[list, list]:
     """Hold out ``fraction`` of the pairs (or the bottom rows of a single pair) for validation."""
     if fraction <= 0:

@@ -8,9 +8,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .data import Plane, load_planes, planes_from_array, planes_from_pair
+from .data import Plane, load_pairs, load_planes, planes_from_array
 from .errors import TrainingError
-from .io import read_image
 from .train import CHECKPOINT_NAME, TrainConfig, Trainer
 from .weights import TASK_LABELS, default_model_name, load_model, resolve_model_path
 
@@ -48,26 +47,33 @@ def _as_lists(images: Any, pairs: Any, scales: Any) -> tuple[list, list, list[fl
     return list(images), pairs, [float(x) for x in scales]
 
 
-def _saved_images(out: Optional[str]) -> list[str]:
-    """The image files a fine-tune in ``out`` recorded (its config.json ``data``), for a resume without them.
+def _saved_data(out: Optional[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files a fine-tune in ``out`` recorded (config.json ``data`` / ``pair_data``), for a resume
+    without them: ``(images, pairs)``, one of them empty.
 
     Raises :class:`TrainingError` when the run recorded none (it trained on arrays, e.g. napari
-    layers, or on a pair) or is not there.
+    layers) or is not there, or when a recorded file is gone.
     """
-    data = []
+    cfg: dict[str, Any] = {}
     if out and (Path(out) / "config.json").is_file():
         try:
-            data = json.loads((Path(out) / "config.json").read_text()).get("data") or []
-        except (OSError, ValueError, AttributeError):
-            data = []
-    if not data:
-        raise TrainingError(f"the run in {out} did not record image files (it trained on arrays or a pair, or it is "
-                            "not there): give the images again (--images, or --pairs DEGRADED CLEAN) to resume it.")
-    missing = [d for d in data if not any(ch in d for ch in "*?[") and not Path(d).exists()]
+            cfg = json.loads((Path(out) / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+    if not isinstance(cfg, dict):
+        cfg = {}
+    data = [str(d) for d in cfg.get("data") or []]
+    pairs = [(str(p[0]), str(p[1])) for p in cfg.get("pair_data") or [] if isinstance(p, (list, tuple)) and len(p) == 2]
+    if not data and not pairs:
+        raise TrainingError(f"the run in {out} did not record image files (it trained on arrays, or it is not "
+                            "there): give the images again (--images, or --pairs DEGRADED CLEAN) to resume it.")
+    files = data + [f for p in pairs for f in p]
+    missing = [d for d in files if not any(ch in d for ch in "*?[") and not Path(d).exists()]
     if missing:
+        again = "--pairs DEGRADED CLEAN" if pairs else "--images"
         raise TrainingError(f"the run in {out} trained on {', '.join(missing)}, which no longer exist(s); give the "
-                            "images again (--images) to resume it.")
-    return list(data)
+                            f"images again ({again}) to resume it.")
+    return (data, []) if data else ([], pairs)
 
 
 def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Optional[tuple[str, dict, dict]]:
@@ -141,8 +147,8 @@ def make_finetune_trainer(
     if task not in TASK_LABELS:
         raise TrainingError(f"unknown task {task!r}; choose sr, denoise or deblock.")
     images, pairs, scales = _as_lists(images, pairs, scales)
-    if resume and not images and not pairs:  # the image files the run recorded (config.json "data")
-        images = _saved_images(out)
+    if resume and not images and not pairs:  # the image files the run recorded (config.json data / pair_data)
+        images, pairs = _saved_data(out)
     if not images and not pairs:
         raise TrainingError("give clean images (or a degraded/clean pair) to fine-tune on.")
     saved = _saved_run(out, task, base_model) if resume else None
@@ -163,15 +169,13 @@ def make_finetune_trainer(
     # the image files are recorded (config.json), so that --resume can read them again; arrays cannot be
     files = [str(Path(x).resolve()) for x in images if _is_path(x)] if not pairs else []
     params.setdefault("data", files)
+    if pairs and all(_is_path(x) for pair in pairs for x in pair):  # pairs given as arrays cannot be recorded
+        params.setdefault("pair_data", [(str(Path(d).resolve()), str(Path(c).resolve())) for d, c in pairs])
     cfg = TrainConfig(task=task, scales=[float(s) for s in scales], init_from=init_from, out=out, name=name,
                       depth=arch.get("depth", 20), width=arch.get("width", 64), quantize=False, **params)
     extra = {"finetuned_from": finetuned_from, "default_for": []}
     if pairs:
-        pl: list[tuple[Plane, Plane]] = []
-        for i, (d, c) in enumerate(pairs):
-            d, c = (read_image(x) if _is_path(x) else np.asarray(x) for x in (d, c))
-            pl.extend(planes_from_pair(d, c, task=task, name=f"pair{i}", scales=scales))
-        return Trainer(cfg, pairs=pl, card_extra=extra, resume=resume)
+        return Trainer(cfg, pairs=load_pairs(pairs, task=task, scales=scales), card_extra=extra, resume=resume)
     planes: list[Plane] = []
     is_path = [_is_path(x) for x in images]
     paths = [x for x, p in zip(images, is_path) if p]

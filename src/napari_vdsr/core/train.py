@@ -85,6 +85,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(validate_assignment=True, extra="forbid")
 
     data: list[str] = Field(default_factory=list, description="image files / folders / globs")
+    pair_data: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="(degraded, clean) image files of a paired run, recorded so that a resume can read them again")
     task: Literal["sr", "denoise", "deblock"] = "sr"
     scales: list[float] = Field(default_factory=lambda: [2.0, 3.0, 4.0])
     scale_range: Optional[tuple[float, float]] = None
@@ -602,6 +605,11 @@ class Trainer:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def paired(self) -> bool:
+        """Whether the run trains on registered (degraded, clean) pairs rather than degrading clean images."""
+        return self._pairs is not None
+
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.config
@@ -627,6 +635,10 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.world
 
         # data
+        if self._pairs is None and self._planes is None and cfg.pair_data:  # a paired run's recorded files
+            from .data import load_pairs
+
+            self._pairs = load_pairs(cfg.pair_data, task=cfg.task, scales=cfg.scales)
         if self._pairs is not None:
             from .data import PairSampler, make_pair_validation, split_pairs
 
