@@ -70,6 +70,17 @@ def folder(tmp_path):
     return d
 
 
+def test_a_pattern_takes_the_images_it_matches_as_a_folder_does(folder):
+    from napari_vdsr.core.errors import InputError
+    from napari_vdsr.core.io import expand_inputs
+
+    by_folder = expand_inputs([folder])
+    # the pattern also matches notes.txt and the empty subfolder: left out, as the folder leaves them out
+    assert expand_inputs([str(folder / "*")]) == by_folder and folder / "notes.txt" not in by_folder
+    with pytest.raises(InputError, match="no image file matches this pattern.*matches 1 other"):
+        expand_inputs([str(folder / "*.txt")])
+
+
 def test_folder_with_mixed_formats(tmp_path, folder, model_file, model):
     out = tmp_path / "out"
     assert predict(folder, "-o", out, "--model", model_file, "--tile", 16) == 0
@@ -274,7 +285,7 @@ def test_outputs_of_one_run_never_collide(tmp_path, model_file, model, capsys):
     rc = predict(a / "b.tif", str(a / "*.tif"), str(tmp_path / "nowhere" / "*.tif"), "-o", tmp_path / "o2",
                  "--model", model_file)
     err = capsys.readouterr().err
-    assert rc == 1 and "no file matches this pattern" in err and "1 of 2 file(s) failed, 1 written" in err
+    assert rc == 1 and "no image file matches this pattern" in err and "1 of 2 file(s) failed, 1 written" in err
     assert [p.name for p in (tmp_path / "o2").iterdir()] == ["b_x2.tif"]
     assert predict(str(tmp_path / "nowhere" / "*.tif"), "-o", tmp_path / "o3", "--model", model_file) == 2
 

@@ -100,6 +100,22 @@ def test_never_overwrites_an_input(tmp_path, tiny_model, capsys):
     assert np.load(d / "a_x2_x2.npy").shape == (24, 24)  # the other file was still processed
 
 
+def test_output_folder_read_by_a_folder_or_glob_input_is_refused(tmp_path, tiny_model, capsys):
+    """Results written where a folder or pattern reads would be taken for inputs by the next run."""
+    d = tmp_path / "in"
+    d.mkdir()
+    np.save(d / "a.npy", np.random.default_rng(2).random((12, 12)).astype(np.float32))
+    (d / "out").mkdir()
+    for args in ((d, "-o", d), (str(d / "*"), "-o", d / "out"), (str(d / "*.npy"), "-o", d)):
+        assert predict(*args, "--model", tiny_model) == 2
+        assert "is a folder that the input" in capsys.readouterr().err
+    assert sorted(p.name for p in d.iterdir()) == ["a.npy", "out"] and not any((d / "out").iterdir())
+    # a folder beside the inputs, or inside a folder input (which does not read its subfolders), is fine
+    assert predict(d, "-o", d / "out", "--model", tiny_model) == 0
+    assert predict(d, "-o", d / "out", "--model", tiny_model, "--skip-existing") == 0  # a rerun: nothing to do
+    assert sorted(p.name for p in (d / "out").iterdir()) == ["a_x2.npy"]
+
+
 def test_bad_file_reported_and_others_continue(tmp_path, tiny_model, inputs, capsys):
     d, *_ = inputs
     (d / "broken.png").write_text("not an image")

@@ -54,10 +54,38 @@ blocks back).  Use --format to choose another output format.
 
 Existing outputs are kept unless --overwrite is given (--skip-existing: inputs whose
 output exists are skipped, so a batch can be run again for what is missing); an input file is never
-overwritten, and an output is only put in place once it is complete.  A file that
+overwritten, and an output is only put in place once it is complete; -o may not be a folder
+that a folder or pattern input reads (the next run would take the results for inputs).  A file that
 fails is reported and the others are still processed; the exit status is then
 non-zero.  On a GPU out-of-memory error the tile size is halved and the run goes on.
 """
+
+
+def _refuse_output_among_inputs(items, out: Path) -> None:
+    """Refuse an output folder that a folder or glob input reads: the next run would take the results for inputs.
+
+    Files named one by one may share a folder with the results (they are never replaced); a folder
+    or pattern would pick the results up again, restore them once more and fail on their names.
+    """
+    import glob
+
+    from .core.errors import InputError
+
+    target = out.resolve()
+    for item in items:
+        s = str(item)
+        if any(c in s for c in "*?["):
+            scanned = set()
+            for m in map(Path, glob.glob(s)):
+                scanned.add(m.resolve() if m.is_dir() and m.suffix.lower() != ".zarr" else m.resolve().parent)
+        elif Path(s).is_dir() and Path(s).suffix.lower() != ".zarr":
+            scanned = {Path(s).resolve()}
+        else:
+            continue
+        if target in scanned:
+            raise InputError(f"-o {out} is a folder that the input {s} reads: the results would be taken for inputs "
+                             f"by the next run (and restored again); write them to another folder, e.g. -o "
+                             f"{out.parent / (out.name + '-restored')}.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -376,6 +404,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"napari-vdsr: warning: {out.name}: saving a deblocked image as JPEG compresses it again and brings "
               f"back some of the blocks just removed (quality {a.jpeg_quality}); name the output .png or .tif to "
               "keep the result as restored.", file=sys.stderr)
+    if not single_file:
+        _refuse_output_among_inputs(a.inputs, out)
     in_paths = {p.resolve() for p in inputs}
     show = not a.quiet
     files_bar = tqdm(total=len(inputs), desc="files", unit="file", disable=not show or len(inputs) < 2,

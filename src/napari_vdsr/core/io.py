@@ -362,16 +362,29 @@ def expand_inputs(paths) -> list[Path]:
     """Expand files, folders and glob patterns into a sorted list of image files.
 
     A folder contributes its image files (and ``*.zarr`` stores), not its subfolders;
-    a ``.zarr`` directory given directly is one image.
+    a ``.zarr`` directory given directly is one image.  A pattern contributes the image files
+    it matches (and those of the folders it matches); other files and empty folders it matches
+    are left out, as a folder's are.
     """
     import glob
 
     out: list[Path] = []
     for item in paths:
         s = str(item)
-        matches = [Path(m) for m in sorted(glob.glob(s))] if any(c in s for c in "*?[") else [Path(s)]
-        if not matches:
-            raise InputError(f"{s}: no file matches this pattern.")
+        pattern = any(c in s for c in "*?[")
+        matches = [Path(m) for m in sorted(glob.glob(s))] if pattern else [Path(s)]
+        if pattern:
+            found = []
+            for m in matches:
+                if m.is_dir() and m.suffix.lower() != ".zarr":
+                    found.extend(sorted(f for f in m.iterdir() if _is_image_entry(f)))
+                elif _is_image_entry(m):
+                    found.append(m)
+            if not found:
+                raise InputError(f"{s}: no image file matches this pattern ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                                 + (f"; it matches {len(matches)} other file(s) or folder(s)." if matches else "."))
+            out.extend(found)
+            continue
         for m in matches:
             if m.is_dir() and m.suffix.lower() != ".zarr":
                 files = sorted(f for f in m.iterdir() if _is_image_entry(f))
