@@ -81,6 +81,28 @@ def test_a_pattern_takes_the_images_it_matches_as_a_folder_does(folder):
         expand_inputs([str(folder / "*.txt")])
 
 
+def test_tiffs_whose_values_are_not_grey_or_rgb_are_refused(tmp_path, model_file, capsys):
+    """Palette, CMYK and white-is-zero TIFFs would be restored as grey / RGB values: a wrong image."""
+    from napari_vdsr.core.errors import InputError
+    from napari_vdsr.core.io import read_image
+
+    d = tmp_path / "odd"
+    d.mkdir()
+    grey = RNG.integers(0, 256, (24, 24)).astype(np.uint8)
+    tifffile.imwrite(d / "white_is_zero.tif", grey, photometric="miniswhite")
+    Image.fromarray(grey).convert("P").save(d / "palette.tif")
+    Image.fromarray(np.stack([grey] * 3, -1)).convert("CMYK").save(d / "cmyk.tif")
+    tifffile.imwrite(d / "plain.tif", grey, photometric="minisblack")
+    out = tmp_path / "out"
+    rc = predict(d, "-o", out, "--model", model_file)
+    err = capsys.readouterr().err
+    assert rc == 1 and sorted(p.name for p in out.iterdir()) == ["plain_x2.tif"]
+    assert "3 of 4 file(s) failed" in err and "palette.tif is a palette (indexed-colour) TIFF" in err
+    for name, kind in (("white_is_zero", "white-is-zero"), ("palette", "palette"), ("cmyk", "CMYK")):
+        with pytest.raises(InputError, match=f"is a {kind}.*Convert it to greyscale or RGB first"):
+            read_image(d / f"{name}.tif")
+
+
 def test_folder_with_mixed_formats(tmp_path, folder, model_file, model):
     out = tmp_path / "out"
     assert predict(folder, "-o", out, "--model", model_file, "--tile", 16) == 0

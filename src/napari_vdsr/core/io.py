@@ -270,6 +270,33 @@ def _read_pillow(p: Path, keep_alpha: bool = True) -> tuple[np.ndarray, dict]:
         return np.asarray(im).copy(), info
 
 
+#: TIFF colour models whose stored values are not the grey levels or RGB the network restores
+_TIFF_PHOTOMETRIC_REFUSED = {
+    0: ("white-is-zero (MINISWHITE)", "its values run from white to black, so it would come out inverted"),
+    3: ("palette (indexed-colour)", "its values are indices into a colour map, not intensities"),
+    5: ("CMYK (SEPARATED)", "its four samples are ink amounts, not RGB"),
+    8: ("CIELab", "its samples are L*a*b*, not RGB"),
+    9: ("ICCLab", "its samples are L*a*b*, not RGB"),
+    10: ("ITULab", "its samples are L*a*b*, not RGB"),
+    32803: ("colour-filter-array (raw Bayer)", "its pixels are a mosaic of colour filters"),
+    34892: ("linear raw", "its pixels are a sensor's raw mosaic"),
+}
+
+
+def _check_tiff_photometric(tf: Any, p: Path) -> None:
+    """Refuse a TIFF whose colour model would be restored as plain grey / RGB values (a wrong result)."""
+    try:
+        page = tf.pages.first if hasattr(tf.pages, "first") else tf.pages[0]
+        code = int(page.photometric)
+    except Exception:  # a file without pages is reported by the reader itself
+        return
+    if code in _TIFF_PHOTOMETRIC_REFUSED:
+        kind, why = _TIFF_PHOTOMETRIC_REFUSED[code]
+        raise InputError(f"{p.name} is a {kind} TIFF: {why}, and restoring those values would give a wrong "
+                         "image. Convert it to greyscale or RGB first (e.g. Fiji: Image > Type > 8-bit or RGB "
+                         "Color; Pillow: Image.open(path).convert('RGB')) and restore the converted file.")
+
+
 def read_image(path: str | os.PathLike, keep_alpha: bool = True, samples_last: bool = True) -> np.ndarray:
     """Read an image file (or zarr store) into a numpy array (TIFF stacks keep all their planes).
 
@@ -297,6 +324,7 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = True, samples_last: b
             import tifffile
 
             with tifffile.TiffFile(p) as tf:
+                _check_tiff_photometric(tf, p)
                 series = tf.series[0]
                 if len(tf.series) > 1:
                     warnings.warn(f"{p.name} holds {len(tf.series)} image series; only the first ({series.axes} "
@@ -487,6 +515,7 @@ def _open_tiff(p: Path) -> ImageSource:
 
     tf = tifffile.TiffFile(p)
     try:
+        _check_tiff_photometric(tf, p)
         series = tf.series[0]
         if len(tf.series) > 1:  # pyramid levels are one series; these are other images (positions, labels)
             others = ", ".join(str(tuple(s.shape)) for s in tf.series[1:4]) + (" ..." if len(tf.series) > 4 else "")
