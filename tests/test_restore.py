@@ -212,6 +212,17 @@ def test_infer_axes(shape, rgb, axes):
     assert infer_axes(shape, rgb) == axes
 
 
+def test_channels_last_with_few_channels_is_not_guessed_as_planes():
+    """(Y, X, 2) read as ZYX would restore 2-pixel-wide images: the axes are asked for instead."""
+    with pytest.raises(InputError, match=r"looks like channels last.*--axes YXC.*axes='YXC'"):
+        infer_axes((40, 40, 2))
+    with pytest.raises(InputError, match="--axes ZYXC"):
+        run(rand((3, 20, 24, 2), "uint16"), scale=2)
+    assert infer_axes((40, 40, 2), rgb=False) == "ZYX"  # said explicitly (a napari layer shown that way)
+    out = run(rand((20, 24, 2), "uint16"), axes="YXC", scale=2)
+    assert out.shape == (40, 48, 2)
+
+
 def test_planes_subset():
     img = rand((2, 3, 20, 24), "uint16")
     full = run(img, axes="TCYX", scale=2)

@@ -128,6 +128,7 @@ def infer_axes(shape: Sequence[int], rgb: Optional[bool] = None) -> str:
             f"an image needs at least 2 axes (Y, X), got shape {shape}; reshape a 1-D signal to (1, N) "
             "only if it really is an image."
         )
+    guessed = rgb is None  # rgb=False: the caller says so (a napari layer shown as planes of its last two axes)
     if rgb is None:
         rgb = nd >= 3 and shape[-1] in (3, 4) and shape[-2] > 4 and shape[-3] > 4
     elif rgb:
@@ -136,6 +137,14 @@ def infer_axes(shape: Sequence[int], rgb: Optional[bool] = None) -> str:
                 f"rgb=True needs a last axis of 3 (RGB) or 4 (RGBA) samples, got shape {shape}; "
                 "pass rgb=False or give axes explicitly (e.g. axes='CYX')."
             )
+    if guessed and not rgb and nd >= 3 and shape[-1] <= 4 and shape[-2] > 4 and shape[-3] > 4:
+        example = {3: "YXC", 4: "ZYXC", 5: "TZYXC"}.get(nd, "TZYXC")
+        raise InputError(
+            f"an array of shape {shape} looks like channels last (Y, X, C): read as ...YX, its images would be "
+            f"{shape[-1]} pixel(s) wide. Give the axes: --axes {example} on the command line, axes='{example}' "
+            "in Python; in napari, open the channels as layers of their own (viewer.add_image(data, "
+            "channel_axis=-1))."
+        )
     lead = nd - 2 - (1 if rgb else 0)
     if lead > len(_PLANE_ORDER):
         raise InputError(
@@ -172,9 +181,13 @@ def normalize_axes(axes: Optional[str], shape: Sequence[int], rgb: Optional[bool
     if "Y" not in ax or "X" not in ax:
         raise InputError(f"axes {axes!r} must contain both Y and X (the image plane), e.g. 'ZYX'.")
     if len(ax) != len(shape):
+        try:
+            example = infer_axes(shape, rgb) if len(shape) >= 2 else "YX"
+        except InputError:  # a shape whose axes cannot be guessed
+            example = "TZYXC"[-len(shape):] if len(shape) <= 5 else "TCZYX"
         raise InputError(
             f"axes {axes!r} has {len(ax)} letters but the image has {len(shape)} axes (shape {shape}); "
-            f"give one letter per axis, e.g. {infer_axes(shape, rgb) if len(shape) >= 2 else 'YX'!r}."
+            f"give one letter per axis, e.g. {example!r}."
         )
     if "S" in ax and shape[ax.index("S")] not in (3, 4):
         raise InputError(
