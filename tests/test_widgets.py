@@ -331,6 +331,30 @@ def test_rgb_stays_rgb_and_keeps_colour(make_napari_viewer, qtbot, tiny_model):
     assert np.array_equal(layer.data, original)
 
 
+def test_a_16_bit_rgb_layer_is_restored_channel_by_channel(make_napari_viewer, qtbot, tiny_model):
+    """napari calls any (Y, X, 3) array RGB; three 16-bit channels are restored each on its own, not as Y."""
+    from napari_vdsr.core.restore import restore
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 65535, (40, 44, 3)).astype(np.uint16)
+    img[:, :, 1] //= 8  # channels of their own ranges: a luminance would mix them
+    original = img.copy()
+    layer = viewer.add_image(img, name="three channels", rgb=True)
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._update_state()
+    assert "each channel on its own" in w._info.value
+    run_and_wait(w, qtbot)
+
+    out = viewer.layers[-1]
+    assert out.rgb and out.data.shape == (80, 88, 3) and out.data.dtype == np.uint16
+    expected = restore(original, task="sr", scale=2, model=tiny_model, axes="YXC", device="cpu")
+    np.testing.assert_array_equal(out.data, expected)
+    assert not np.array_equal(out.data, restore(original, task="sr", scale=2, model=tiny_model, axes="YXS",
+                                                device="cpu"))
+    assert np.array_equal(layer.data, original)
+
+
 # --------------------------------------------------------------------------- cancel and errors
 
 

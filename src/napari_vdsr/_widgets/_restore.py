@@ -102,6 +102,20 @@ class _Job:
         return int(np.ravel_multi_index(self.plane, self.src.lead_shape))
 
 
+def _layer_axes(shape: tuple[int, ...], rgb: bool, dtype: Any) -> str:
+    """The axes a layer is restored with: napari's RGB flag, except for RGB layers that are not 8-bit.
+
+    napari shows any (..., Y, X, 3|4) array as RGB whatever its type; a photograph is 8-bit, and
+    its luminance is restored (colour interpolated).  Three 16-bit or float channels are more
+    likely fluorescence channels, each of which needs restoring (its own noise, its own detail):
+    they are restored one by one, as the channels of any other stack.
+    """
+    axes = infer_axes(shape, rgb=rgb)
+    if rgb and axes.endswith("S") and np.dtype(dtype) != np.uint8:
+        axes = axes[:-1] + "C"
+    return axes
+
+
 @dataclass
 class _Failed:
     """Returned by the worker instead of a result when the core refused the job."""
@@ -119,7 +133,7 @@ def _work(job: _Job):
             scale=job.scale,
             model=job.model,
             axes=job.axes,
-            rgb=job.src.rgb,
+            rgb=job.src.rgb and job.axes.endswith("S"),
             tile=job.tile,
             device=job.device,
             planes=planes,
@@ -352,13 +366,14 @@ class RestoreWidget(Container):
         try:
             data = layer.data[0] if layer.multiscale else layer.data
             shape = tuple(int(s) for s in data.shape)
-            out = output_shape(shape, infer_axes(shape, rgb=bool(layer.rgb)), self._scale())
+            axes = _layer_axes(shape, bool(layer.rgb), data.dtype)
+            out = output_shape(shape, axes, self._scale())
             h, w = shape[snap_ndim - 2 : snap_ndim]
             oh, ow = out[snap_ndim - 2 : snap_ndim]
             lead = shape[: snap_ndim - 2]
             n = int(np.prod(lead)) if lead else 1
             planes = 1 if (not lead or self._extent.value == CURRENT_PLANE) else n
-            kind = "RGB " if layer.rgb else ""
+            kind = ("RGB " if axes.endswith("S") else "RGB, each channel on its own: ") if layer.rgb else ""
             self._info.value = f"{kind}{h}×{w} → {oh}×{ow}, {planes} plane{'s' if planes != 1 else ''}, {data.dtype}"
         except (VDSRError, ValueError) as exc:
             self._info.value = str(exc)[:80]
@@ -419,7 +434,7 @@ class RestoreWidget(Container):
         try:
             model, model_label = self._model_spec()
             src = LayerSnapshot.of(layer)
-            axes = infer_axes(src.shape, rgb=src.rgb)
+            axes = _layer_axes(src.shape, src.rgb, (layer.data[0] if layer.multiscale else layer.data).dtype)
         except VDSRError as exc:
             self._notify("error", f"{self.verb}: {exc}")
             return None
