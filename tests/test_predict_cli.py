@@ -116,6 +116,24 @@ def test_output_folder_read_by_a_folder_or_glob_input_is_refused(tmp_path, tiny_
     assert sorted(p.name for p in (d / "out").iterdir()) == ["a_x2.npy"]
 
 
+def test_png_and_bmp_outputs_of_data_they_cannot_hold_are_refused_before_restoring(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(4)
+    tifffile.imwrite(d / "float.tif", rng.random((12, 12)).astype(np.float32))
+    tifffile.imwrite(d / "rgb16.tif", rng.integers(0, 65535, (12, 12, 3)).astype(np.uint16), photometric="rgb")
+    tifffile.imwrite(d / "grey16.tif", rng.integers(0, 65535, (12, 12)).astype(np.uint16))
+    out = tmp_path / "out"
+    assert predict(d, "-o", out, "--model", tiny_model, "--format", "png") == 1
+    err = capsys.readouterr().err
+    assert "float_x2.png: PNG holds 8-bit images and no float32 data" in err
+    assert "rgb16_x2.png: PNG holds 8-bit images and 16-bit grey images, not 16-bit colour" in err
+    assert sorted(p.name for p in out.iterdir()) == ["grey16_x2.png"]  # 16-bit grey PNG is fine
+    assert np.asarray(Image.open(out / "grey16_x2.png")).dtype == np.uint16
+    assert predict(d / "grey16.tif", "-o", out / "grey16.bmp", "--model", tiny_model) == 1
+    assert "BMP holds only 8-bit images" in capsys.readouterr().err
+
+
 def test_bad_file_reported_and_others_continue(tmp_path, tiny_model, inputs, capsys):
     d, *_ = inputs
     (d / "broken.png").write_text("not an image")

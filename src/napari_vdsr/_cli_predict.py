@@ -286,6 +286,11 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                              "use --format tif, ome.tif, zarr or npy.")
         if suffix in (".jpg", ".jpeg") and dtype != np.uint8:
             raise InputError(f"{dest.name}: JPEG holds only 8-bit images; use --format tif for {dtype} data.")
+        if suffix == ".bmp" and dtype != np.uint8:
+            raise InputError(f"{dest.name}: BMP holds only 8-bit images; use --format tif or png for {dtype} data.")
+        if suffix == ".png" and dtype != np.uint8 and not (dtype == np.uint16 and not rgb):
+            what = "16-bit grey images, not 16-bit colour" if dtype == np.uint16 else f"no {dtype} data"
+            raise InputError(f"{dest.name}: PNG holds 8-bit images and {what}; use --format tif.")
         blocks = restore_blocks(src.array, task=a.task, scale=scale, model=net_card, axes=axes, tile=a.tile,
                                 device=device, amp=False if a.no_amp else (True if a.bf16 else None),
                                 ensemble=a.ensemble)
