@@ -360,7 +360,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from .core.device import resolve_device
     from .core.errors import InputError, VDSRError
-    from .core.io import expand_inputs
+    from .core.io import expand_inputs, split_suffix
     from .core.restore import _check_scale
     from .core.weights import load_model
 
@@ -404,6 +404,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
               f"x{_fmt_scale(scale)[1:]} is outside that range and may look worse than expected.", file=sys.stderr)
 
     out = Path(a.output)
+    if _out_suffix(out) == ".ome.zarr":
+        raise InputError(f"-o {out}: results are written as plain zarr arrays (axes and pixel sizes in their "
+                         f"attributes), not OME-Zarr; name the output {split_suffix(out)[0]}.zarr, or give a folder.")
     single_file = len(inputs) == 1 and _out_suffix(out) in _OUT_SUFFIXES
     if single_file and a.task == "deblock" and _out_suffix(out) in (".jpg", ".jpeg"):
         print(f"napari-vdsr: warning: {out.name}: saving a deblocked image as JPEG compresses it again and brings "
