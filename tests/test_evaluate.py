@@ -123,6 +123,11 @@ def test_dataset_layouts(sr_dataset, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         find_dataset(tmp_path / "empty")
+    # a limit counts images from the first: 0 or a negative number (which dropped the last ones) is refused
+    assert len(evaluate_dataset(sr_dataset, scale=2, model="bicubic", device="cpu", limit=1)["per_image"]) == 1
+    for bad in (0, -1):
+        with pytest.raises(InputError, match="at least 1"):
+            evaluate_dataset(sr_dataset, scale=2, model="bicubic", device="cpu", limit=bad)
 
 
 def test_given_lr_equals_generated_lr_when_made_the_same_way(sr_dataset):

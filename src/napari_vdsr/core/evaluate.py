@@ -399,6 +399,8 @@ def iter_evaluate(
         lr_dir = None
     files = _list_images(hr_dir)
     if limit is not None:
+        if int(limit) < 1:
+            raise InputError(f"limit (--limit) is the number of images to evaluate, at least 1; got {limit}.")
         files = files[: int(limit)]
     net, label, card = _resolve_model(model, task, dev)
     settings: dict[str, Any] = {
