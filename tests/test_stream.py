@@ -159,3 +159,34 @@ def test_thin_first_and_last_layers_match_plain_forward(conv_path, channels, thi
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     used = channels <= thin
     assert (calls["first"] > 0) == used and (calls["last"] > 0) == used
+
+
+def test_a_stop_check_cancels_within_a_tile_and_only_in_its_thread():
+    """Cancel acts between bands of one forward pass (and between ensemble passes), in the checking thread."""
+    import threading
+
+    from napari_vdsr.core.cancel import stop_check
+    from napari_vdsr.core.errors import Cancelled
+    from napari_vdsr.core.tiling import ensemble_net
+
+    x = torch.rand(1, 1, 120, 40)
+    calls = []
+
+    def check() -> bool:
+        calls.append(1)
+        return len(calls) >= 3  # stop at the third band
+
+    with stop_check(check), torch.inference_mode(), pytest.raises(Cancelled):
+        stream_forward(NET, x, 8)
+    assert len(calls) == 3
+    with stop_check(lambda: True), torch.inference_mode(), pytest.raises(Cancelled):
+        ensemble_net(NET, x)
+    # outside the block, or in another thread while a block is open here, nothing is stopped
+    with torch.inference_mode():
+        ref = stream_forward(NET, x, 8)
+    other = {}
+    with stop_check(lambda: True):
+        t = threading.Thread(target=lambda: other.setdefault("y", stream_forward(NET, x, 8)))
+        t.start()
+        t.join()
+    torch.testing.assert_close(other["y"], ref)

@@ -15,6 +15,7 @@ is translated to that plane, so it overlays the input at that slice only
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from magicgui.widgets import (
     create_widget,
 )
 
+from ..core.cancel import stop_check
 from ..core.errors import VDSRError
 from ..core.restore import infer_axes, output_shape, restore_iter
 from ..core.constants import DEFAULT_TILE, MIN_TILE
@@ -94,6 +96,7 @@ class _Job:
     precision: str = "auto"  # a key of PRECISIONS
     hint: dict[str, Any] = field(default_factory=dict)
     ensemble: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)  # Cancel: acts within a tile (core.cancel)
 
     @property
     def flat_plane(self) -> Optional[int]:
@@ -141,10 +144,11 @@ def _work(job: _Job):
             ensemble=job.ensemble,
         )
         try:
-            for ev in gen:
-                if ev.result is not None:
-                    return ev.result
-                yield ev
+            with stop_check(job.stop.is_set):
+                for ev in gen:
+                    if ev.result is not None:
+                        return ev.result
+                    yield ev
         finally:
             gen.close()
     except VDSRError as exc:
@@ -481,6 +485,7 @@ class RestoreWidget(Container):
             return None
         self._job = job
         self._cancelled = False
+        self._told = False  # the end was reported (returned or aborted); Cancel within a tile gives neither
         where = f" (plane {', '.join(map(str, job.plane))})" if job.plane is not None else ""
         self._progress = progress(total=0, desc=f"{self.verb} {job.src.name}{where}")
         worker = create_worker(_work, job, _start_thread=False)
@@ -495,10 +500,12 @@ class RestoreWidget(Container):
         return worker
 
     def cancel(self, *_: Any) -> None:
-        """Stop the running job within one tile; no layer is added."""
+        """Stop the running job (on the CPU within a band of rows of the tile under way); no layer is added."""
         if self._worker is None:
             return
         self._cancelled = True
+        if self._job is not None:
+            self._job.stop.set()  # the forward pass under way stops at its next band
         if not self._closed:
             self._cancel_btn.enabled = False
         if self._progress is not None:
@@ -521,10 +528,14 @@ class RestoreWidget(Container):
         self.cancel()
 
     def _on_returned(self, result: Any) -> None:
+        self._told = True
         job = self._job
         if self._closed:
             return
         if isinstance(result, _Failed):
+            if self._cancelled:  # Cancel stopped the tile under way: no error, no layer
+                self._on_aborted()
+                return
             self._notify("error", f"{self.verb}: {result.message}")
             return
         if job is None:
@@ -561,12 +572,17 @@ class RestoreWidget(Container):
         return self._viewer.add_image(result, **kwargs)
 
     def _on_aborted(self) -> None:
+        self._told = True
         if self._closed:
             return
         name = self._job.src.name if self._job is not None else "the layer"
         self._notify("info", f"{self.verb} of {name} cancelled; no layer was added.")
 
     def _on_finished(self) -> None:
+        if self._cancelled and not getattr(self, "_told", True):
+            # Cancel stopped a tile under way: the worker returned, but superqt emits neither
+            # ``returned`` (an abort was requested) nor ``aborted`` (the generator had ended)
+            self._on_aborted()
         if self._progress is not None:
             self._progress.close()
         self._progress = None

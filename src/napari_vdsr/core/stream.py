@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cancel import raise_if_stopped
+
 __all__ = ["streamable", "stream_forward", "band_rows", "STREAM_PIXELS"]
 
 #: Target pixels per band (rows x width); about 40k px kept the activations cache-resident.
@@ -222,6 +224,7 @@ def stream_forward(net: nn.Module, x: torch.Tensor, band: Optional[int] = None) 
         # the first band is longer: every layer lags one row behind the previous one
         edges = [0, *range(min(h, band + n_layers), h, band), h]
         for r0, r1 in zip(edges[:-1], edges[1:]):
+            raise_if_stopped()  # a caller's Cancel acts within a band, not only after the whole tile
             final = r1 == h
             rows_new = r1 - r0
             first_in[:, :, 2 : 2 + rows_new].copy_(x[:, :, r0:r1])

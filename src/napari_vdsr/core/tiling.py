@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cancel import raise_if_stopped
 from .constants import DEFAULT_TILE, MIN_TILE
 from .device import memory_format
 
@@ -363,6 +364,7 @@ def ensemble_net(net: nn.Module, t: torch.Tensor) -> torch.Tensor:
     mf = memory_format(t.device)
     acc: Optional[torch.Tensor] = None
     for k in range(ENSEMBLE_SIZE):
+        raise_if_stopped()
         y = _undo_dihedral(run_net(net, _dihedral(t, k).contiguous(memory_format=mf)).float(), k)
         acc = y.clone() if acc is None else acc.add_(y)
     assert acc is not None
