@@ -294,3 +294,15 @@ def test_skip_existing_reruns_a_batch_for_the_missing_outputs_only(tmp_path, tin
     assert rc == 0 and (out / "plane_x2.npy").read_bytes() == b"done before" and (out / "stack_x2.tif").exists()
     assert "1 skipped (their outputs exist)" in err
     assert main(["predict", str(d / "plane.npy"), "-o", str(out), "--skip-existing", "--overwrite"]) == 2
+
+
+def test_a_file_name_for_several_inputs_is_refused(tmp_path, tiny_model, inputs, capsys):
+    d, *_ = inputs
+    target = tmp_path / "result.png"
+    assert predict(d / "*.npy", d / "photo.png", "-o", target, "--model", tiny_model) != 0
+    err = capsys.readouterr().err
+    assert "names one output file" in err and "2 inputs" in err and "folder" in err
+    assert not target.exists()  # no folder with an image's name was made
+    target.mkdir()  # an existing folder of that name is a folder: results go into it
+    assert predict(d / "plane.npy", d / "photo.png", "-o", target, "--model", tiny_model) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["photo_x2.png", "plane_x2.npy"]

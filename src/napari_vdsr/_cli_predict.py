@@ -412,6 +412,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"napari-vdsr: warning: {out.name}: saving a deblocked image as JPEG compresses it again and brings "
               f"back some of the blocks just removed (quality {a.jpeg_quality}); name the output .png or .tif to "
               "keep the result as restored.", file=sys.stderr)
+    if len(inputs) > 1 and _out_suffix(out) in _OUT_SUFFIXES and not out.is_dir():
+        raise InputError(f"-o {out} names one output file, but {len(inputs)} inputs were given "
+                         f"({', '.join(p.name for p in inputs[:3])}{', ...' if len(inputs) > 3 else ''}); "
+                         "give a folder for their results (-o results/), or one input.")
     if not single_file:
         _refuse_output_among_inputs(a.inputs, out)
     in_paths = {p.resolve() for p in inputs}
