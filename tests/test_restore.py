@@ -587,3 +587,27 @@ def test_noise_keeps_its_extremes_and_training_planes_bound_an_outlier():
     assert -0.51 < p.data.min() and p.data.max() < 1.51 and p.data[5, 7] == pytest.approx(1.5)
     ((d, c),) = planes_from_pair(hot, hot, task="denoise")
     assert c.data.max() == pytest.approx(1.5) and d.data.max() == pytest.approx(1.5)
+
+
+def test_in_memory_result_larger_than_free_memory_is_refused(monkeypatch):
+    from napari_vdsr.core import memory
+
+    img = np.zeros((3, 16, 16), np.float32)  # x2: 3 * 32 * 32 * 4 bytes = 12 KiB
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * 1024)
+    with pytest.raises(InputError, match=r"would take 12 KiB of memory, but only 8 KiB is free.*planes="):
+        restore(img, model=(VDSR(depth=3, width=4), {"tasks": ["sr"]}), device="cpu")
+    # one plane fits; the environment variable turns the check off
+    assert restore(img, model=(VDSR(depth=3, width=4), {"tasks": ["sr"]}), device="cpu", planes=[1]).shape == (1, 32, 32)
+    monkeypatch.setenv(memory.NO_CHECK_ENV, "1")
+    assert restore(img, model=(VDSR(depth=3, width=4), {"tasks": ["sr"]}), device="cpu").shape == (3, 32, 32)
+    monkeypatch.delenv(memory.NO_CHECK_ENV)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: not checked
+    assert restore(img, model=(VDSR(depth=3, width=4), {"tasks": ["sr"]}), device="cpu").shape == (3, 32, 32)
+
+
+def test_available_bytes_is_a_plausible_figure():
+    from napari_vdsr.core import memory
+
+    free = memory.available_bytes()
+    assert free is not None and 1 << 20 < free
+    assert memory.format_bytes(3 * 1024 ** 3) == "3 GiB" and memory.format_bytes(512) == "512 B"

@@ -558,3 +558,21 @@ def test_all_widgets_open_together_from_the_manifest(make_napari_viewer):
         found.append(type(widget))
     assert found == WIDGETS
     assert len({id(v) for v in found}) == 3
+
+
+def test_result_larger_than_free_memory_is_refused_before_work(make_napari_viewer, qtbot, tiny_model, notes,
+                                                                monkeypatch):
+    from napari_vdsr.core import memory
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 16, 20), np.uint16), name="stack")
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    # x2 of the whole stack: 4 * 32 * 40 * 2 bytes = 10 KiB; one plane 2.5 KiB
+    monkeypatch.setattr(memory, "available_bytes", lambda: 6 * 1024)
+    w._extent.value = _restore.WHOLE_STACK
+    assert w.run() is None
+    assert len(viewer.layers) == 1
+    assert any("would take 10 KiB" in n and "current plane" in n for n in notes), notes
+    w._extent.value = _restore.CURRENT_PLANE  # what the message advises fits
+    run_and_wait(w, qtbot)
+    assert viewer.layers[-1].data.shape == (1, 32, 40)

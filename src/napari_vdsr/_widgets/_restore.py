@@ -38,7 +38,8 @@ from magicgui.widgets import (
 
 from ..core.cancel import stop_check
 from ..core.errors import VDSRError
-from ..core.restore import infer_axes, output_shape, restore_iter
+from ..core.memory import check_fits
+from ..core.restore import infer_axes, output_shape, plane_count, restore_iter
 from ..core.constants import DEFAULT_TILE, MIN_TILE
 from ..core.weights import TASK_LABELS, card_summary, default_model_name, list_models, read_card, resolve_model_path
 from ._geometry import LayerSnapshot, output_layer_kwargs
@@ -453,8 +454,29 @@ class RestoreWidget(Container):
             axes=axes, tile=int(self._tile.value), device=str(self._device.value), plane=plane, hint=self._hint(),
             precision=str(self._precision.value), ensemble=bool(self._ensemble.value),
         )
+        if not self._result_fits(job):
+            return None
         self._warn_outside_training(job)
         return job
+
+    def _result_fits(self, job: _Job) -> bool:
+        """False, with a notification, when the new layer would not fit in the free memory (napari's OOM kill)."""
+        try:
+            shape = output_shape(job.src.shape, job.axes, job.scale)
+            n = int(np.prod(shape, dtype=np.int64))
+            if job.plane is not None:
+                n //= plane_count(job.src.shape, job.axes)
+            advice = (
+                "restore one plane ('current plane' in 'extent') or a crop of the layer, or restore the stack to a "
+                "file block by block with `napari-vdsr predict` and open the result."
+                if job.plane is None and job.src.ndim > 2 else
+                "restore a crop of the layer, or restore it to a file block by block with `napari-vdsr predict`."
+            )
+            check_fits(n * np.dtype(job.data.dtype).itemsize, f"the result of {job.src.name!r}", advice)
+        except VDSRError as exc:
+            self._notify("error", f"{self.verb}: {exc}")
+            return False
+        return True
 
     def _warn_outside_training(self, job: _Job) -> None:
         try:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, InputError, ModelError
+from .memory import check_fits
 from .tiling import (
     DEFAULT_TILE,
     MIN_TILE,
@@ -873,6 +874,14 @@ def restore_iter(
         in ``result``.
     """
     job = _prepare(image, task, scale, model, axes, rgb, tile, device, planes, amp=amp, ensemble=ensemble)
+    shape = job.result_shape
+    check_fits(
+        int(np.prod(shape, dtype=np.int64)) * job.dtype.itemsize,
+        f"the result {tuple(shape)} {job.dtype}",
+        "restore fewer planes (planes=...) or a cropped region, or have it written block by block: restore(...) "
+        "of a dask array gives a lazy result to store with .to_zarr(); `napari-vdsr predict` writes TIFF or zarr "
+        "files block by block.",
+    )
     return _result_gen(job)
 
 
