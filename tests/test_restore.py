@@ -611,3 +611,36 @@ def test_available_bytes_is_a_plausible_figure():
     free = memory.available_bytes()
     assert free is not None and 1 << 20 < free
     assert memory.format_bytes(3 * 1024 ** 3) == "3 GiB" and memory.format_bytes(512) == "512 B"
+
+
+def test_stop_acts_while_a_lazy_stack_s_range_is_read():
+    """'current plane' of a lazy stack reads the whole stack for its range first: Cancel must stop those reads."""
+    da = pytest.importorskip("dask.array")
+    stack = np.random.default_rng(2).integers(0, 4000, (6, 24, 24)).astype(np.uint16)
+    for kind in ("dask", "streamed"):
+        stop = threading.Event()
+        reads: list[int] = []
+
+        def read(block, block_info=None):
+            if block.size:  # not dask's probe of an empty block
+                reads.append(1)
+                stop.set()  # the user presses Cancel while the first plane is read
+            return block
+
+        if kind == "dask":
+            img = da.from_array(stack, chunks=(1, 24, 24)).map_blocks(read, dtype=stack.dtype)
+        else:
+            class Lazy:
+                shape, dtype = stack.shape, stack.dtype
+
+                def __getitem__(self, idx):
+                    return read(stack[idx].copy())
+
+            img = Lazy()
+        with pytest.raises(Cancelled, match="intensity range"):
+            restore(img, task="denoise", model=ID, device="cpu", planes=[5], lazy=False, stop=stop)
+        assert 1 <= len(reads) < 6, kind  # not every plane was read
+    # without a stop the same plane restores
+    out = restore(da.from_array(stack, chunks=(1, 24, 24)), task="denoise", model=ID, device="cpu", planes=[5],
+                  lazy=False)
+    np.testing.assert_array_equal(out[0], stack[5])

@@ -31,8 +31,8 @@ def stop_check(check: Optional[Callable[[], bool]]) -> Iterator[None]:
         _local.check = previous
 
 
-def raise_if_stopped() -> None:
+def raise_if_stopped(when: str = "during a tile") -> None:
     """Raise :class:`Cancelled` if this thread's :func:`stop_check` says stop; otherwise return at once."""
     check = getattr(_local, "check", None)
     if check is not None and check():
-        raise Cancelled("restoration cancelled during a tile.")
+        raise Cancelled(f"restoration cancelled {when}.")

@@ -36,6 +36,7 @@ No Qt or napari imports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -45,6 +46,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .cancel import raise_if_stopped, stop_check
 from .errors import Cancelled, InputError, ModelError
 from .memory import check_fits
 from .tiling import (
@@ -568,6 +570,9 @@ def _prepare(
     )
 
 
+_SCANNING = "while reading the intensity range of the image"
+
+
 def _intensity(job: _Job):
     """Intensity map over the whole image (numpy/dask: one reduction; other array-likes: streamed slabs).
 
@@ -584,11 +589,19 @@ def _intensity(job: _Job):
         if alpha:
             s = job.ax.index("S")
             img = img[(slice(None),) * s + (slice(0, 3),)]
-        return intensity_range(img, dtype, yx=(job.ax.index("Y"), job.ax.index("X")))
+        yx = (job.ax.index("Y"), job.ax.index("X"))
+        if not _is_dask(img):
+            return intensity_range(img, dtype, yx=yx)
+        # a lazy stack is read whole for its range (even for one plane): a caller's Cancel stops the reads
+        from dask.callbacks import Callback
+
+        with Callback(pretask=lambda *_: raise_if_stopped(_SCANNING)):
+            return intensity_range(img, dtype, yx=yx)
     lo, hi, plo, phi = math.inf, -math.inf, math.inf, -math.inf
     for k in range(job.n_all):
         reader = _PlaneReader(img, job.index_of(k), job.ax, job.to_canon)
         for i0, i1 in reader.row_slabs(dtype.itemsize, job.n_samples):
+            raise_if_stopped(_SCANNING)
             p = reader.region(i0, i1, 0, reader.width)
             if alpha:
                 p = p[..., :3]
@@ -951,8 +964,10 @@ def restore(
     progress : callable(done, total), optional
         Called after every tile (not used for lazy results).
     stop : object with ``is_set()``, optional
-        E.g. a :class:`threading.Event`; when set, work stops within one tile and
-        :class:`~napari_vdsr.core.errors.Cancelled` is raised (not used for lazy results).
+        E.g. a :class:`threading.Event`; when set, work stops soon (on the CPU between bands of
+        rows of the tile under way, on CUDA after the tile; also while the intensity range of a
+        lazy stack is read) and :class:`~napari_vdsr.core.errors.Cancelled` is raised (not used
+        for lazy results).
     amp : bool, optional
         ``None`` (default): bfloat16 autocast on CUDA, float32 elsewhere. ``True``: bfloat16
         also on CPUs that compute it natively (AMX / AVX512-BF16; about 2x faster, results within
@@ -996,13 +1011,15 @@ def restore(
     gen = restore_iter(image, task=task, scale=scale, model=model, axes=axes, rgb=rgb, tile=tile,
                        device=device, planes=planes, amp=amp, ensemble=ensemble)
     try:
-        for ev in gen:
-            if progress is not None:
-                progress(ev.done, ev.total)
-            if ev.result is not None:
-                return ev.result
-            if stop is not None and stop.is_set():
-                raise Cancelled(f"restoration cancelled after {ev.done} of {ev.total} tiles.")
+        # ``stop`` also acts within a tile (CPU bands, ensemble passes) and while a lazy stack's range is read
+        with stop_check(stop.is_set) if stop is not None else contextlib.nullcontext():
+            for ev in gen:
+                if progress is not None:
+                    progress(ev.done, ev.total)
+                if ev.result is not None:
+                    return ev.result
+                if stop is not None and stop.is_set():
+                    raise Cancelled(f"restoration cancelled after {ev.done} of {ev.total} tiles.")
     finally:
         gen.close()
     raise RuntimeError("restore_iter ended without a result")  # pragma: no cover
