@@ -576,3 +576,47 @@ def test_result_larger_than_free_memory_is_refused_before_work(make_napari_viewe
     w._extent.value = _restore.CURRENT_PLANE  # what the message advises fits
     run_and_wait(w, qtbot)
     assert viewer.layers[-1].data.shape == (1, 32, 40)
+
+
+def test_layer_with_more_than_three_stack_axes_is_restored_plane_by_plane(make_napari_viewer, qtbot, tiny_model):
+    """A 6-D layer (position, time, channel, Z, Y, X): the core names three plane axes, the widget numbers them."""
+    from napari_vdsr.core.restore import restore
+
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(4).integers(0, 4000, (2, 1, 2, 3, 16, 20)).astype(np.uint16)
+    original = stack.copy()
+    layer = viewer.add_image(stack, name="6d", scale=(1, 1, 1, 2.0, 0.5, 0.5))
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._device.value, w._precision.value = "cpu", "float32"
+    assert "32×40, 12 planes" not in w._info.value  # the default extent is the current plane
+    w._extent.value = _restore.WHOLE_STACK
+    assert "16×20 → 32×40, 12 planes, uint16" in w._info.value, w._info.value
+    run_and_wait(w, qtbot)
+    out = viewer.layers[-1]
+    assert out.data.shape == (2, 1, 2, 3, 32, 40) and out.data.dtype == np.uint16
+    assert tuple(out.scale[:4]) == (1, 1, 1, 2.0) and tuple(out.scale[4:]) == (0.25, 0.25)
+    expected = restore(stack.reshape(12, 16, 20), model=tiny_model, device="cpu", tile=int(w._tile.value), amp=False)
+    np.testing.assert_array_equal(out.data, expected.reshape(out.data.shape))
+
+    viewer.dims.set_point(range(4), layer.data_to_world((1, 0, 1, 2, 0, 0))[:4])
+    w._extent.value = _restore.CURRENT_PLANE
+    run_and_wait(w, qtbot)
+    one = viewer.layers[-1]
+    assert one.data.shape == (1, 1, 1, 1, 32, 40) and one.metadata["napari_vdsr"]["plane"] == [1, 0, 1, 2]
+    np.testing.assert_array_equal(one.data[0, 0, 0, 0], out.data[1, 0, 1, 2])
+    assert np.array_equal(stack, original)
+
+
+def test_flat_planes_of_numpy_dask_and_zarr_agree():
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    a = np.arange(2 * 3 * 2 * 2 * 4 * 5, dtype=np.uint16).reshape(2, 3, 2, 2, 4, 5)
+    z = zarr.zeros(a.shape, dtype=a.dtype, chunks=(1, 1, 1, 1, 4, 5))
+    z[...] = a
+    for data in (a, da.from_array(a, chunks=(1, 2, 1, 2, 4, 5)), z):
+        flat = _restore._flat_planes(data, 6)
+        assert flat.shape == (24, 4, 5)
+        np.testing.assert_array_equal(np.asarray(flat), a.reshape(24, 4, 5))
+    five_d = a[0]
+    assert _restore._flat_planes(five_d, 5) is five_d  # three stack axes: left as they are
+    assert _restore._flat_shape((3, 2, 2, 4, 5), 5) == (3, 2, 2, 4, 5)  # three stack axes: named by the core

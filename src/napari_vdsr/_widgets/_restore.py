@@ -120,6 +120,36 @@ def _layer_axes(shape: tuple[int, ...], rgb: bool, dtype: Any) -> str:
     return axes
 
 
+#: leading (plane) axes the core names (T, C, Z); a layer with more has its planes numbered along one axis
+_MAX_LEAD = 3
+
+
+def _flat_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """``shape`` with the leading axes of a layer of ``ndim`` dims merged into one when there are more than 3.
+
+    Every Y/X plane is restored on its own, so a 6-D layer (position, time, channel, Z, Y, X)
+    is restored as one run of its planes and given back its shape.
+    """
+    n_lead = ndim - 2
+    if n_lead <= _MAX_LEAD:
+        return shape
+    return (int(np.prod(shape[:n_lead], dtype=np.int64)),) + tuple(shape[n_lead:])
+
+
+def _flat_planes(data: Any, ndim: int) -> Any:
+    """``data`` with its leading axes merged as in :func:`_flat_shape` (numpy, dask; zarr and others via dask)."""
+    shape = tuple(int(s) for s in data.shape)
+    flat = _flat_shape(shape, ndim)
+    if flat == shape:
+        return data
+    if isinstance(data, np.ndarray) or (hasattr(data, "dask") and hasattr(data, "reshape")):
+        return data.reshape(flat)
+    import dask.array as da
+
+    n_lead = ndim - 2
+    return da.from_array(data, chunks=(1,) * n_lead + shape[n_lead:]).reshape(flat)
+
+
 @dataclass
 class _Failed:
     """Returned by the worker instead of a result when the core refused the job."""
@@ -371,10 +401,12 @@ class RestoreWidget(Container):
         try:
             data = layer.data[0] if layer.multiscale else layer.data
             shape = tuple(int(s) for s in data.shape)
-            axes = _layer_axes(shape, bool(layer.rgb), data.dtype)
-            out = output_shape(shape, axes, self._scale())
+            flat = _flat_shape(shape, snap_ndim)
+            axes = _layer_axes(flat, bool(layer.rgb), data.dtype)
+            out = output_shape(flat, axes, self._scale())
             h, w = shape[snap_ndim - 2 : snap_ndim]
-            oh, ow = out[snap_ndim - 2 : snap_ndim]
+            iy = axes.index("Y")
+            oh, ow = out[iy : iy + 2]
             lead = shape[: snap_ndim - 2]
             n = int(np.prod(lead)) if lead else 1
             planes = 1 if (not lead or self._extent.value == CURRENT_PLANE) else n
@@ -439,11 +471,11 @@ class RestoreWidget(Container):
         try:
             model, model_label = self._model_spec()
             src = LayerSnapshot.of(layer)
-            axes = _layer_axes(src.shape, src.rgb, (layer.data[0] if layer.multiscale else layer.data).dtype)
+            data = _flat_planes(layer.data[0] if layer.multiscale else layer.data, src.ndim)
+            axes = _layer_axes(tuple(int(n) for n in data.shape), src.rgb, data.dtype)
         except VDSRError as exc:
             self._notify("error", f"{self.verb}: {exc}")
             return None
-        data = layer.data[0] if layer.multiscale else layer.data
         plane = None
         if src.ndim > 2 and self._extent.value == CURRENT_PLANE:
             plane = self._current_plane(layer, src)
@@ -462,10 +494,10 @@ class RestoreWidget(Container):
     def _result_fits(self, job: _Job) -> bool:
         """False, with a notification, when the new layer would not fit in the free memory (napari's OOM kill)."""
         try:
-            shape = output_shape(job.src.shape, job.axes, job.scale)
+            shape = output_shape(job.data.shape, job.axes, job.scale)
             n = int(np.prod(shape, dtype=np.int64))
             if job.plane is not None:
-                n //= plane_count(job.src.shape, job.axes)
+                n //= plane_count(job.data.shape, job.axes)
             advice = (
                 "restore one plane ('current plane' in 'extent') or a crop of the layer, or restore the stack to a "
                 "file block by block with `napari-vdsr predict` and open the result."
@@ -576,6 +608,8 @@ class RestoreWidget(Container):
             result = result.reshape((1,) * len(job.plane) + result.shape[1:])
             lead_offset = job.plane
             name += f" [plane {', '.join(map(str, job.plane))}]"
+        elif result.ndim != len(src.shape):  # planes of a layer with more than 3 leading axes: its shape back
+            result = result.reshape(tuple(src.lead_shape) + result.shape[1:])
         meta = {
             "task": job.task,
             "model": job.model_label,
