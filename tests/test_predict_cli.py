@@ -306,3 +306,13 @@ def test_a_file_name_for_several_inputs_is_refused(tmp_path, tiny_model, inputs,
     target.mkdir()  # an existing folder of that name is a folder: results go into it
     assert predict(d / "plane.npy", d / "photo.png", "-o", target, "--model", tiny_model) == 0
     assert sorted(p.name for p in target.iterdir()) == ["photo_x2.png", "plane_x2.npy"]
+
+
+def test_a_one_bit_file_is_refused_with_advice_for_files(tmp_path, tiny_model, capsys):
+    mask = np.zeros((20, 24), bool)
+    mask[5:12, 6:18] = True
+    Image.fromarray(mask).convert("1").save(tmp_path / "mask.png")
+    assert predict(tmp_path / "mask.png", "-o", tmp_path / "out", "--model", tiny_model) != 0
+    err = capsys.readouterr().err
+    assert "1-bit" in err and "8-bit grey" in err
+    assert not (tmp_path / "out" / "mask_x2.png").exists()

@@ -262,6 +262,7 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
 
     from .core.errors import InputError
     from .core.io import create_npy, open_image
+    from .core.normalize import check_dtype
     from .core.ome import tiff_write_options, write_tiff_bands
     from .core.restore import block_shape, normalize_axes, output_shape, restore_blocks
 
@@ -274,6 +275,7 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
         axes = normalize_axes(a.axes or src.axes, shape)
         oshape = output_shape(shape, axes, scale if a.task == "sr" else 1)
         dtype = np.dtype(src.array.dtype)
+        check_dtype(dtype)  # a mask or a complex array: its own advice, before what the output format holds
         rgb = "S" in axes
         if rgb and not a.axes and dtype != np.uint8 and src.format != "pillow":
             # tifffile saves any (..., H, W, 3) array as RGB: often a 3-channel microscopy image

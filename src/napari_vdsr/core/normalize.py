@@ -18,8 +18,9 @@ def check_dtype(dtype: np.dtype) -> None:
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
         raise InputError(
-            "boolean images (masks) cannot be restored; convert the layer to an intensity image "
-            "(e.g. uint8) or pick an image layer instead of a mask."
+            "boolean images (masks, 1-bit files) cannot be restored: the network needs intensities. Convert "
+            "to an intensity image first (a file: save it as 8-bit grey; in Python: image.astype(np.uint8) * 255); "
+            "in napari, pick an image layer instead of a mask."
         )
     if dtype.kind == "c":
         raise InputError("complex images cannot be restored; pass the magnitude (np.abs) or the real part.")
