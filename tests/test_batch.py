@@ -380,3 +380,27 @@ def test_png_output_keeps_the_colour_profile_and_the_printed_size(tmp_path, mode
     with Image.open(tmp_path / "o" / "p_x2.png") as im:
         assert im.size == (32, 28) and im.info.get("icc_profile") == icc
         assert [round(v) for v in im.info["dpi"]] == [600, 600]
+
+
+def test_palette_transparency_is_kept_and_a_cmyk_profile_is_not(tmp_path, model_file):
+    from PIL import ImageCms
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pal = Image.new("P", (16, 14))
+    pal.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30] + [0] * 759)
+    idx = np.zeros((14, 16), np.uint8)
+    idx[3:9, 4:12], idx[10:, :] = 1, 2
+    pal.putdata(idx.ravel().tolist())
+    pal.save(d / "pal.png", transparency=0)  # index 0 is transparent
+    assert predict(d / "pal.png", "-o", tmp_path / "o", "--model", model_file, "--scale", "2") == 0
+    out = np.asarray(Image.open(tmp_path / "o" / "pal_x2.png"))
+    assert out.shape == (28, 32, 4)  # RGBA: the transparent background stays transparent
+    assert out[0, 0, 3] == 0 and out[12, 16, 3] == 255 and out[26, 2, 3] == 255
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # stands in for a CMYK profile
+    Image.fromarray(RNG.integers(0, 256, (14, 16, 3)).astype(np.uint8)).convert("CMYK").save(
+        d / "c.jpg", icc_profile=icc, quality=95)
+    assert predict(d / "c.jpg", "-o", tmp_path / "o", "--model", model_file, "--scale", "2") == 0
+    with Image.open(tmp_path / "o" / "c_x2.jpg") as im:
+        assert im.mode == "RGB" and not im.info.get("icc_profile")  # RGB data with a CMYK profile would be misread

@@ -261,6 +261,10 @@ def _read_pillow(p: Path, keep_alpha: bool = True) -> tuple[np.ndarray, dict]:
                 "(e.g. in Fiji) and restore the TIFF so that no precision is lost."
             )
         im = ImageOps.exif_transpose(im)  # as viewers show it (phone photos store it turned)
+        if im.mode == "CMYK":  # the copy is RGB: a CMYK profile would tell viewers to read it as inks
+            info.pop("icc_profile", None)
+        if im.mode == "P" and "transparency" in im.info:  # a palette with transparent entries (tRNS)
+            im = im.convert("PA")
         if not keep_alpha and im.mode in ("LA", "PA", "RGBA"):
             im = im.convert("L" if im.mode == "LA" else "RGB")
         if im.mode in ("P", "CMYK", "LA", "PA"):
