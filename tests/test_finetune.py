@@ -12,7 +12,7 @@ import torch
 
 from napari_vdsr.cli import main as cli_main
 from napari_vdsr.core.degrade import downscale
-from napari_vdsr.core.errors import TrainingError
+from napari_vdsr.core.errors import InputError, TrainingError
 from napari_vdsr.core.finetune import make_finetune_trainer
 from napari_vdsr.core.model import VDSR
 from napari_vdsr.core.synthetic import synthetic_cells
@@ -411,3 +411,23 @@ def test_finetune_resume_reads_its_images_from_the_run(tiny_base: Path, stack: n
                                iterations=2, batch_size=4, patch_size=24, val_every=2, val_crop=64).run())
     with pytest.raises(TrainingError, match="give the images again"):
         make_finetune_trainer("sr", base_model=None, out=str(arr_out), resume=True, device="cpu")
+
+
+def test_layers_larger_than_free_memory_are_refused_before_they_are_read(tiny_base: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    from napari_vdsr.core import memory
+
+    da = pytest.importorskip("dask.array")
+    reads: list[int] = []
+
+    def read(block):
+        reads.append(block.size)
+        return block
+
+    # (4, 64, 64) uint16: 16,384 px x (2 + 8) bytes = 160 KiB to read it and keep it as float32 planes
+    big = da.zeros((4, 64, 64), dtype=np.uint16, chunks=(1, 64, 64)).map_blocks(read, dtype=np.uint16)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 * 1024)
+    with pytest.raises(InputError, match="would take 160 KiB.*a crop or a few planes"):
+        make_finetune_trainer("sr", images=[big], base_model=str(tiny_base), out=str(tmp_path / "ft"), device="cpu")
+    assert not any(reads)  # refused before any of it was read
+    assert not (tmp_path / "ft" / "checkpoint.pt").exists()

@@ -10,6 +10,7 @@ import numpy as np
 
 from .data import Plane, load_pairs, load_planes, planes_from_array
 from .errors import TrainingError
+from .memory import check_fits
 from .train import CHECKPOINT_NAME, TrainConfig, Trainer
 from .weights import TASK_LABELS, default_model_name, load_model, resolve_model_path
 
@@ -180,6 +181,12 @@ def make_finetune_trainer(
     is_path = [_is_path(x) for x in images]
     paths = [x for x, p in zip(images, is_path) if p]
     arrays = [x for x, p in zip(images, is_path) if not p]
+    # layers (numpy, dask, zarr) are read whole and kept as float32 planes: refuse what would not fit first
+    need = sum(int(np.prod(np.shape(a), dtype=np.int64)) * (np.dtype(getattr(a, "dtype", np.float64)).itemsize + 8)
+               for a in arrays)
+    check_fits(need, f"reading the {len(arrays)} image(s) to fine-tune on",
+               "fine-tune on a crop or a few planes of them: training draws small patches (41 px), so a few "
+               "megapixels of representative images are plenty.")
     if paths:
         planes.extend(load_planes(paths))
     for i, a in enumerate(arrays):
