@@ -404,3 +404,67 @@ def test_palette_transparency_is_kept_and_a_cmyk_profile_is_not(tmp_path, model_
     assert predict(d / "c.jpg", "-o", tmp_path / "o", "--model", model_file, "--scale", "2") == 0
     with Image.open(tmp_path / "o" / "c_x2.jpg") as im:
         assert im.mode == "RGB" and not im.info.get("icc_profile")  # RGB data with a CMYK profile would be misread
+
+
+def _ngff(path):
+    """The NGFF attributes and array "0" of an OME-Zarr image, checked with ome-zarr-models when it is installed."""
+    g = zarr.open_group(str(path), mode="r")
+    try:
+        from ome_zarr_models.v04.image import Image as NgffImage
+    except ImportError:
+        pass
+    else:
+        NgffImage.from_zarr(g)  # raises on anything NGFF 0.4 does not allow
+    return dict(g.attrs)["multiscales"][0], np.asarray(g["0"])
+
+
+def test_ome_zarr_output_is_ngff_in_tczyx_order_with_scaled_pixel_sizes(tmp_path, model_file):
+    d = tmp_path / "in"
+    d.mkdir()
+    hyper = RNG.integers(0, 4000, (3, 2, 16, 20)).astype(np.uint16)  # ImageJ order Z, C, Y, X
+    tifffile.imwrite(d / "h.tif", hyper, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZCYX", "spacing": 1.5, "unit": "micron"})
+    rgb = RNG.integers(0, 256, (14, 16, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(d / "p.png")
+    out = tmp_path / "o"
+    assert predict(d / "h.tif", d / "p.png", "-o", out, "--model", model_file, "--format", "ome.zarr") == 0
+    assert predict(d / "h.tif", d / "p.png", "-o", tmp_path / "ref", "--model", model_file, "--format", "npy",
+                   "--axes", "ZCYX") == 1  # the PNG is not ZCYX: only h is written
+    ref = np.load(tmp_path / "ref" / "h_x2.npy")
+
+    ms, data = _ngff(out / "h_x2.ome.zarr")
+    assert [(a["name"], a["type"]) for a in ms["axes"]] == [("c", "channel"), ("z", "space"), ("y", "space"),
+                                                            ("x", "space")]
+    assert [a.get("unit") for a in ms["axes"]] == [None, "micrometer", "micrometer", "micrometer"]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.5, 0.25, 0.25]
+    np.testing.assert_array_equal(data, np.transpose(ref, (1, 0, 2, 3)))  # channels before Z, the same pixels
+    with open_image(out / "h_x2.ome.zarr") as src:  # and it reads back as it was written
+        assert src.axes == "CZYX" and src.meta["pixel_size"]["X"] == (0.25, "micrometer")
+
+    ms, data = _ngff(out / "p_x2.ome.zarr")  # RGB: the colours are the channel axis
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"] and data.shape == (3, 28, 32)
+    assert predict(d / "p.png", "-o", tmp_path / "png", "--model", model_file) == 0
+    np.testing.assert_array_equal(np.moveaxis(data, 0, -1), np.asarray(Image.open(tmp_path / "png" / "p_x2.png")))
+
+    # an OME-Zarr input gives an OME-Zarr result by default
+    assert predict(out / "h_x2.ome.zarr", "-o", tmp_path / "again", "--model", model_file, "--task", "denoise") == 0
+    ms, data = _ngff(tmp_path / "again" / "h_x2_denoised.ome.zarr")
+    assert data.shape == (2, 3, 32, 40) and ms["datasets"][0]["coordinateTransformations"][0]["scale"][2:] == [0.25,
+                                                                                                               0.25]
+
+
+def test_ome_zarr_refuses_channels_and_rgb_together_before_restoring(tmp_path, model_file, capsys):
+    np.save(tmp_path / "cs.npy", RNG.integers(0, 256, (2, 14, 16, 3)).astype(np.uint8))
+    assert predict(tmp_path / "cs.npy", "-o", tmp_path / "o", "--model", model_file, "--axes", "CYXS",
+                   "--format", "ome.zarr") == 1
+    assert "one channel axis" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_tiff_of_unknown_axes_with_a_few_pixels_wide_x_asks_for_the_axes(tmp_path, model_file, capsys):
+    tifffile.imwrite(tmp_path / "yxc.tif", RNG.integers(0, 4000, (20, 24, 2)).astype(np.uint16),
+                     photometric="minisblack")  # tifffile: axes QYX, 20 pages 2 px wide
+    assert predict(tmp_path / "yxc.tif", "-o", tmp_path / "o", "--model", model_file) == 1
+    assert "--axes YXC" in capsys.readouterr().err
+    assert predict(tmp_path / "yxc.tif", "-o", tmp_path / "o", "--model", model_file, "--axes", "YXC") == 0
+    assert tifffile.imread(tmp_path / "o" / "yxc_x2.tif").shape == (2, 40, 48)

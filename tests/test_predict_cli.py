@@ -132,9 +132,9 @@ def test_png_and_bmp_outputs_of_data_they_cannot_hold_are_refused_before_restori
     assert np.asarray(Image.open(out / "grey16_x2.png")).dtype == np.uint16
     assert predict(d / "grey16.tif", "-o", out / "grey16.bmp", "--model", tiny_model) == 1
     assert "BMP holds only 8-bit images" in capsys.readouterr().err
-    # an OME-Zarr name for what is written as a plain zarr array (or as a folder of results) is refused
-    assert predict(d / "grey16.tif", "-o", tmp_path / "res.ome.zarr", "--model", tiny_model) == 2
-    assert "name the output res.zarr" in capsys.readouterr().err and not (tmp_path / "res.ome.zarr").exists()
+    # an OME-Zarr name is an OME-Zarr image
+    assert predict(d / "grey16.tif", "-o", tmp_path / "res.ome.zarr", "--model", tiny_model) == 0
+    assert (tmp_path / "res.ome.zarr" / ".zattrs").exists() and (tmp_path / "res.ome.zarr" / "0").is_dir()
 
 
 def test_bad_file_reported_and_others_continue(tmp_path, tiny_model, inputs, capsys):

@@ -21,8 +21,10 @@ from .core.constants import DEFAULT_TILE
 __all__ = ["register", "cmd_predict", "cmd_models", "output_name"]
 
 _TASK_SUFFIX = {"denoise": "denoised", "deblock": "deblocked"}
-_FORMATS = {"tif": ".tif", "ome.tif": ".ome.tif", "png": ".png", "npy": ".npy", "zarr": ".zarr"}
-_OUT_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy", ".zarr")
+_FORMATS = {"tif": ".tif", "ome.tif": ".ome.tif", "png": ".png", "npy": ".npy", "zarr": ".zarr",
+            "ome.zarr": ".ome.zarr"}
+_OUT_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy", ".zarr",
+                 ".ome.zarr")
 _IN_MEMORY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 PREDICT_HELP = """\
@@ -34,18 +36,20 @@ files, folders of them or glob patterns.  Each output keeps its input's format,
 dtype and axes (Y and X enlarged for --task sr; a TIFF stores Z, C and T before Y X,
 as its pages are YX planes, so a YXC input is written CYX) and is named after it:
   NAME_x2.tif (sr; NAME_x2-3 for --scale 2 3), NAME_x2.ome.tif, NAME_x2.zarr,
-  NAME_denoised.png, NAME_deblocked.png.
+  NAME_x2.ome.zarr, NAME_denoised.png, NAME_deblocked.png.
 OME-TIFF outputs carry the input's OME pixel sizes with PhysicalSizeX/Y divided by
 the scale; TIFF resolution tags are scaled the same way, and an OME input written as a
-plain TIFF gets those pixel sizes as ImageJ's calibration (µm).
+plain TIFF gets those pixel sizes as ImageJ's calibration (µm).  OME-Zarr outputs
+(--format ome.zarr, and the default for OME-Zarr inputs) are one-level NGFF 0.4 images
+(axes in T C Z Y X order, RGB as channels) with the scaled pixel sizes.
 
 Large images: TIFF (uncompressed, tiled or compressed), .npy and zarr inputs are read
 region by region, and TIFF, OME-TIFF, .npy and zarr outputs are written block by
-block, so memory is bounded by --tile, not by the image (use --format zarr or ome.tif
-for images larger than memory).  PNG/JPEG/BMP are read and written whole.
+block, so memory is bounded by --tile, not by the image (use --format zarr, ome.zarr
+or ome.tif for images larger than memory).  PNG/JPEG/BMP are read and written whole.
 
 OUT is a directory (created if needed), except when there is exactly one input
-and OUT ends in an image suffix (.tif, .ome.tif, .zarr, .png, ...): then it is the
+and OUT ends in an image suffix (.tif, .ome.tif, .zarr, .ome.zarr, .png, ...): then it is the
 output file.
 
 JPEG inputs are written as JPEG at --jpeg-quality 95, except for --task deblock,
@@ -119,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axes", default=None, metavar="AXES",
                    help="axes of every input, letters T Z C Y X S (S = RGB samples), e.g. ZYX, TCYX, YXS; "
                         "default: from the TIFF/zarr metadata or guessed from the shape")
-    p.add_argument("--format", choices=["same", "tif", "ome.tif", "png", "npy", "zarr"], default="same",
+    p.add_argument("--format", choices=["same", *_FORMATS], default="same",
                    help="output format (default: the input's, see above)")
     p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q", help="quality of JPEG outputs (default 95)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -154,8 +158,6 @@ def output_name(inp: Path, task: str, scale: tuple[float, float], fmt: str = "sa
         suffix = _FORMATS[fmt]
     elif suffix.lower() in (".jpg", ".jpeg") and task == "deblock":
         suffix = ".png"
-    elif suffix.lower() == ".ome.zarr":
-        suffix = ".zarr"  # the result is a plain zarr array (with axes and pixel sizes in its attributes)
     return f"{stem}_{tag}{suffix}"
 
 
@@ -261,9 +263,17 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
     import numpy as np
 
     from .core.errors import InputError
-    from .core.io import create_npy, open_image
+    from .core.io import create_npy, open_image, split_suffix
     from .core.normalize import check_dtype
-    from .core.ome import tiff_write_options, write_tiff_bands
+    from .core.ome import (
+        create_ngff,
+        ngff_attributes,
+        ngff_axes,
+        scaled_pixel_size,
+        tiff_write_options,
+        to_ngff_block,
+        write_tiff_bands,
+    )
     from .core.restore import block_shape, normalize_axes, output_shape, restore_blocks
 
     _check_dest(dest, in_paths, a.overwrite)
@@ -293,13 +303,28 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
         if suffix == ".png" and dtype != np.uint8 and not (dtype == np.uint16 and not rgb):
             what = "16-bit grey images, not 16-bit colour" if dtype == np.uint16 else f"no {dtype} data"
             raise InputError(f"{dest.name}: PNG holds 8-bit images and {what}; use --format tif.")
+        n_axes = ngff_axes(axes) if suffix == ".ome.zarr" else None  # before the work: NGFF may not hold it
         blocks = restore_blocks(src.array, task=a.task, scale=scale, model=net_card, axes=axes, tile=a.tile,
                                 device=device, amp=False if a.no_amp else (True if a.bf16 else None),
                                 ensemble=a.ensemble)
         try:
             with bar_factory(inp.name) as bar:
                 stream = _progress_blocks(blocks, bar)
-                if suffix == ".zarr":
+                if suffix == ".ome.zarr":
+                    iy, ix = n_axes.index("Y"), n_axes.index("X")
+                    n_shape = tuple(oshape[(axes.replace("S", "C")).index(c)] for c in n_axes)
+                    chunks = [1] * len(n_shape)
+                    chunks[iy], chunks[ix] = block_shape((n_shape[iy], n_shape[ix]), a.tile)
+                    if rgb:  # the colours of a pixel together, as in the input
+                        chunks[n_axes.index("C")] = n_shape[n_axes.index("C")]
+                    ps = scaled_pixel_size(src.meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
+                    attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0])
+                    attrs["napari_vdsr"] = _zarr_attrs(inp, src.meta, axes, a, scale, net_card[1])["napari_vdsr"]
+                    z = create_ngff(tmp, n_axes, n_shape, chunks, dtype, attrs)
+                    for b in stream:
+                        index, data = to_ngff_block(b.index, b.data, axes, n_axes)
+                        z[index] = data
+                elif suffix == ".zarr":
                     import zarr
 
                     iy, ix = axes.index("Y"), axes.index("X")
@@ -406,9 +431,6 @@ def cmd_predict(a: argparse.Namespace) -> int:
               f"x{_fmt_scale(scale)[1:]} is outside that range and may look worse than expected.", file=sys.stderr)
 
     out = Path(a.output)
-    if _out_suffix(out) == ".ome.zarr":
-        raise InputError(f"-o {out}: results are written as plain zarr arrays (axes and pixel sizes in their "
-                         f"attributes), not OME-Zarr; name the output {split_suffix(out)[0]}.zarr, or give a folder.")
     single_file = len(inputs) == 1 and _out_suffix(out) in _OUT_SUFFIXES
     if single_file and a.task == "deblock" and _out_suffix(out) in (".jpg", ".jpeg"):
         print(f"napari-vdsr: warning: {out.name}: saving a deblocked image as JPEG compresses it again and brings "

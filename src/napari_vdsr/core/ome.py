@@ -9,6 +9,8 @@
 * :func:`tiff_write_options` turns that into ``tifffile.imwrite`` keywords for an
   OME-TIFF, ImageJ or plain TIFF output, and :func:`write_tiff_bands` writes a TIFF
   from an iterator of row bands, so that the whole image is never in memory.
+* :func:`ngff_axes`, :func:`ngff_attributes`, :func:`create_ngff` and :func:`to_ngff_block`
+  write a result as a one-level OME-Zarr (NGFF 0.4) image, block by block.
 
 No Qt or napari imports.
 """
@@ -21,7 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["tiff_metadata", "scaled_pixel_size", "tiff_write_options", "write_tiff_bands", "MICRON"]
+__all__ = ["tiff_metadata", "scaled_pixel_size", "tiff_write_options", "write_tiff_bands", "MICRON", "ngff_axes",
+           "ngff_attributes", "create_ngff", "to_ngff_block"]
 
 MICRON = "µm"
 _UNIT_ALIASES = {"micron": MICRON, "microns": MICRON, "um": MICRON, "\\u00B5m": MICRON, "µm": MICRON, "μm": MICRON}
@@ -39,15 +42,21 @@ def _fix_axes(axes: str, shape: Sequence[int]) -> str:
     axes = axes.upper()
     free = [c for c in "ZTC" if c not in axes]
     fixed = []
+    guessed = False
     for c in axes:
         if c in "TZCYXS":
             fixed.append(c)
         elif free:
             fixed.append(free.pop(0))
+            guessed = True
         else:
             return ""
     ax = "".join(fixed)
     if not ax or len(set(ax)) != len(ax) or "Y" not in ax or "X" not in ax:
+        return ""
+    if guessed and shape[ax.index("X")] <= 4:
+        # tifffile's unknown axis (Q) before 'Y X' of an image 1-4 px wide: most likely an array saved
+        # channels last, (Y, X, C); leave it to the shape guess, which asks for the axes
         return ""
     if "S" in ax and shape[ax.index("S")] not in (3, 4):
         ax = ax.replace("S", "C") if "C" not in ax else ""
@@ -231,3 +240,97 @@ def write_tiff_bands(
         opts.setdefault("rowsperstrip", int(rowsperstrip))
     tifffile.imwrite(p, iter(bands), shape=tuple(int(s) for s in shape), dtype=np.dtype(dtype), **opts)
     return p
+
+
+# --------------------------------------------------------------------------- OME-Zarr (NGFF 0.4) output
+
+#: axis order NGFF 0.4 requires: time, channel, then space
+_NGFF_ORDER = "TCZYX"
+_NGFF_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+#: units in the spellings that NGFF (UDUNITS-2 names) takes
+_NGFF_SPACE_UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "micrometer": "micrometer",
+                     "nm": "nanometer", "nanometer": "nanometer", "mm": "millimeter", "millimeter": "millimeter",
+                     "cm": "centimeter", "centimeter": "centimeter", "m": "meter", "meter": "meter",
+                     "pm": "picometer", "picometer": "picometer", "å": "angstrom", "angstrom": "angstrom",
+                     "inch": "inch", "in": "inch"}
+_NGFF_TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "ms": "millisecond",
+                    "millisecond": "millisecond", "min": "minute", "minute": "minute", "h": "hour", "hour": "hour"}
+
+
+def ngff_axes(axes: str) -> str:
+    """The axes of an OME-Zarr (NGFF 0.4) copy of an array with ``axes``: in T, C, Z, Y, X order.
+
+    RGB samples (``S``) become the channel axis.  Raises ``InputError`` for an array with both
+    channels and RGB samples, which NGFF cannot hold.
+    """
+    from .errors import InputError
+
+    if "S" in axes and "C" in axes:
+        raise InputError(f"an OME-Zarr image has one channel axis, and this result ({axes}) has channels and RGB "
+                         "samples; use --format zarr or tif.")
+    letters = axes.replace("S", "C")
+    return "".join(c for c in _NGFF_ORDER if c in letters)
+
+
+def _ngff_unit(c: str, u: Any) -> Optional[str]:
+    if u is None:
+        return None
+    s = _unit(u)
+    table = _NGFF_TIME_UNITS if c == "T" else _NGFF_SPACE_UNITS if c in "ZYX" else {}
+    return table.get(str(s).lower()) or table.get(str(s))
+
+
+def ngff_attributes(axes: str, pixel_size: Optional[dict], name: str, path: str = "0") -> dict[str, Any]:
+    """Group attributes of a one-level OME-Zarr (NGFF 0.4) image whose array ``path`` has ``axes`` (NGFF order).
+
+    ``pixel_size`` maps axis letters to ``(size, unit)``; axes without a size get scale 1
+    and no unit, and units NGFF does not name are left out.
+    """
+    described, scale = [], []
+    for c in axes:
+        v, u = (pixel_size or {}).get(c, (None, None))
+        d: dict[str, Any] = {"name": c.lower(), "type": _NGFF_TYPES[c]}
+        unit = _ngff_unit(c, u) if v else None
+        if unit:
+            d["unit"] = unit
+        described.append(d)
+        scale.append(float(v) if v and float(v) > 0 else 1.0)
+    return {"multiscales": [{
+        "version": "0.4",
+        "name": name,
+        "axes": described,
+        "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }]}
+
+
+def create_ngff(path: str | os.PathLike, axes: str, shape: Sequence[int], chunks: Sequence[int], dtype: Any,
+                attributes: dict[str, Any]) -> Any:
+    """Create an OME-Zarr (NGFF 0.4: zarr format 2, '/' chunk keys) group at ``path``; return its array "0"."""
+    import zarr
+
+    kw: dict[str, Any] = {"shape": tuple(int(s) for s in shape), "chunks": tuple(int(c) for c in chunks),
+                          "dtype": np.dtype(dtype)}
+    if int(zarr.__version__.split(".")[0]) >= 3:
+        group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+        array = group.create_array("0", chunk_key_encoding={"name": "v2", "separator": "/"}, **kw)
+    else:  # zarr 2 writes format 2 only
+        group = zarr.open_group(str(path), mode="w-")
+        array = group.create_dataset("0", dimension_separator="/", **kw)
+    group.attrs.update(attributes)
+    return array
+
+
+def to_ngff_block(index: tuple, data: np.ndarray, axes: str, out_axes: str) -> tuple[tuple, np.ndarray]:
+    """A result block at ``index`` of an array with ``axes`` → the same block of its NGFF copy (``out_axes``)."""
+    full, shape = [], []
+    it = iter(data.shape)
+    for ix in index:
+        if isinstance(ix, (int, np.integer)):
+            full.append(slice(int(ix), int(ix) + 1))
+            shape.append(1)
+        else:
+            full.append(ix)
+            shape.append(next(it))
+    letters = axes.replace("S", "C")
+    perm = [letters.index(c) for c in out_axes]
+    return tuple(full[i] for i in perm), np.transpose(data.reshape(shape), perm)
