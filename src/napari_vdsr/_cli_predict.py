@@ -387,7 +387,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from .core.device import resolve_device
     from .core.errors import InputError, VDSRError
-    from .core.io import expand_inputs, split_suffix
+    from .core.io import expand_inputs
     from .core.restore import _check_scale
     from .core.weights import load_model
 
