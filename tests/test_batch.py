@@ -453,6 +453,20 @@ def test_ome_zarr_output_is_ngff_in_tczyx_order_with_scaled_pixel_sizes(tmp_path
                                                                                                                0.25]
 
 
+def test_ome_zarr_keeps_the_time_step(tmp_path, model_file):
+    tl = RNG.integers(0, 4000, (3, 14, 16)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "t.ome.tif", tl, ome=True,
+                     metadata={"axes": "TYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "TimeIncrement": 30.0,
+                               "TimeIncrementUnit": "s"})
+    assert predict(tmp_path / "t.ome.tif", "-o", tmp_path / "o", "--model", model_file, "--format", "ome.zarr") == 0
+    ms, data = _ngff(tmp_path / "o" / "t_x2.ome.zarr")
+    assert [(a["name"], a.get("unit")) for a in ms["axes"]] == [("t", "second"), ("y", "micrometer"),
+                                                                 ("x", "micrometer")]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [30.0, 0.25, 0.25]
+    with open_image(tmp_path / "o" / "t_x2.ome.zarr") as src:  # read back: the step, in OME-XML's symbol
+        assert src.meta["time_increment"] == (30.0, "s")
+
+
 def test_ome_zarr_refuses_channels_and_rgb_together_before_restoring(tmp_path, model_file, capsys):
     np.save(tmp_path / "cs.npy", RNG.integers(0, 256, (2, 14, 16, 3)).astype(np.uint8))
     assert predict(tmp_path / "cs.npy", "-o", tmp_path / "o", "--model", model_file, "--axes", "CYXS",

@@ -431,3 +431,9 @@ def test_layers_larger_than_free_memory_are_refused_before_they_are_read(tiny_ba
         make_finetune_trainer("sr", images=[big], base_model=str(tiny_base), out=str(tmp_path / "ft"), device="cpu")
     assert not any(reads)  # refused before any of it was read
     assert not (tmp_path / "ft" / "checkpoint.pt").exists()
+    # a degraded/clean pair of layers too (the Fine-tune widget's paired mode)
+    low = da.zeros((4, 32, 32), dtype=np.uint16, chunks=(1, 32, 32)).map_blocks(read, dtype=np.uint16)
+    with pytest.raises(InputError, match=r"would take 200 KiB"):  # (16,384 + 4,096) px x 10 bytes
+        make_finetune_trainer("sr", pairs=[(low, big)], base_model=str(tiny_base), out=str(tmp_path / "ft"),
+                              device="cpu")
+    assert not any(reads)

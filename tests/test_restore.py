@@ -644,3 +644,44 @@ def test_stop_acts_while_a_lazy_stack_s_range_is_read():
     out = restore(da.from_array(stack, chunks=(1, 24, 24)), task="denoise", model=ID, device="cpu", planes=[5],
                   lazy=False)
     np.testing.assert_array_equal(out[0], stack[5])
+
+
+def test_a_control_group_s_memory_limit_counts(tmp_path, monkeypatch):
+    """In a container or a SLURM job the machine's free memory is not what this process may use."""
+    from napari_vdsr.core import memory
+
+    gib = 1 << 30
+    # cgroup v2: the job's group has 4 GiB, 3 GiB used of which 1 GiB is reclaimable page cache
+    v2 = tmp_path / "v2"
+    job = v2 / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    (v2 / "slurm" / "memory.max").write_text("max\n")
+    (v2 / "slurm" / "memory.current").write_text(f"{50 * gib}\n")
+    (job / "memory.max").write_text(f"{4 * gib}\n")
+    (job / "memory.current").write_text(f"{3 * gib}\n")
+    (job / "memory.stat").write_text(f"anon {2 * gib}\ninactive_file {gib}\n")
+    (tmp_path / "proc2").write_text("0::/slurm/job_7\n")
+    assert memory.cgroup_available(v2, tmp_path / "proc2") == 2 * gib
+    # cgroup v1: a parent's limit is tighter than the group's own
+    v1 = tmp_path / "v1"
+    grp = v1 / "memory" / "docker" / "abc"
+    grp.mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit at the root
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{60 * gib}\n")
+    (v1 / "memory" / "docker" / "memory.limit_in_bytes").write_text(f"{8 * gib}\n")
+    (v1 / "memory" / "docker" / "memory.usage_in_bytes").write_text(f"{7 * gib}\n")
+    (grp / "memory.limit_in_bytes").write_text(f"{16 * gib}\n")
+    (grp / "memory.usage_in_bytes").write_text(f"{gib}\n")
+    (tmp_path / "proc1").write_text("9:name=systemd:/\n4:memory:/docker/abc\n1:cpu:/\n0::/\n")
+    assert memory.cgroup_available(v1, tmp_path / "proc1") == gib
+    # no limit anywhere (and no cgroup files at all): None, the machine's figure is used
+    (tmp_path / "proc0").write_text("4:memory:/\n")
+    assert memory.cgroup_available(v1, tmp_path / "proc0") is None
+    assert memory.cgroup_available(tmp_path / "none", tmp_path / "missing") is None
+    # the smaller of the two is what a result is checked against
+    monkeypatch.setattr(memory, "_host_available", lambda: 20 * gib)
+    monkeypatch.setattr(memory, "cgroup_available", lambda: 2 * gib)
+    assert memory.available_bytes() == 2 * gib
+    with pytest.raises(InputError, match="only 2 GiB is free"):
+        memory.check_fits(3 * gib, "the result", "restore less.")

@@ -355,6 +355,26 @@ def test_a_16_bit_rgb_layer_is_restored_channel_by_channel(make_napari_viewer, q
     assert np.array_equal(layer.data, original)
 
 
+
+def test_current_plane_of_a_16_bit_rgb_stack_restores_that_plane_s_channels(make_napari_viewer, qtbot, tiny_model):
+    """The core numbers (plane, channel) pairs of a per-channel RGB stack: 'current plane' must take all three."""
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(5).integers(0, 65535, (4, 20, 24, 3)).astype(np.uint16)
+    layer = viewer.add_image(stack, name="rgb16 stack", rgb=True)
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._device.value, w._precision.value = "cpu", "float32"
+    w._extent.value = _restore.WHOLE_STACK
+    run_and_wait(w, qtbot)
+    full = viewer.layers[-1]
+    assert full.rgb and full.data.shape == (4, 40, 48, 3)
+    viewer.dims.set_point(0, layer.data_to_world((2, 0, 0))[0])
+    w._extent.value = _restore.CURRENT_PLANE
+    run_and_wait(w, qtbot)
+    one = viewer.layers[-1]
+    assert one.rgb and one.data.shape == (1, 40, 48, 3) and one.metadata["napari_vdsr"]["plane"] == [2]
+    np.testing.assert_array_equal(one.data[0], full.data[2])  # plane 2's three channels, not channels of plane 0
+
+
 # --------------------------------------------------------------------------- cancel and errors
 
 
@@ -578,14 +598,20 @@ def test_result_larger_than_free_memory_is_refused_before_work(make_napari_viewe
     assert viewer.layers[-1].data.shape == (1, 32, 40)
 
 
-def test_layer_with_more_than_three_stack_axes_is_restored_plane_by_plane(make_napari_viewer, qtbot, tiny_model):
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+def test_layer_with_more_than_three_stack_axes_is_restored_plane_by_plane(make_napari_viewer, qtbot, tiny_model,
+                                                                          lazy):
     """A 6-D layer (position, time, channel, Z, Y, X): the core names three plane axes, the widget numbers them."""
     from napari_vdsr.core.restore import restore
 
     viewer = make_napari_viewer()
     stack = np.random.default_rng(4).integers(0, 4000, (2, 1, 2, 3, 16, 20)).astype(np.uint16)
     original = stack.copy()
-    layer = viewer.add_image(stack, name="6d", scale=(1, 1, 1, 2.0, 0.5, 0.5))
+    data = stack
+    if lazy:
+        da = pytest.importorskip("dask.array")
+        data = da.from_array(stack, chunks=(1, 1, 1, 1, 16, 20))
+    layer = viewer.add_image(data, name="6d", scale=(1, 1, 1, 2.0, 0.5, 0.5))
     w = make_widget(viewer, SuperResolveWidget, tiny_model)
     w._device.value, w._precision.value = "cpu", "float32"
     assert "32×40, 12 planes" not in w._info.value  # the default extent is the current plane
@@ -613,10 +639,26 @@ def test_flat_planes_of_numpy_dask_and_zarr_agree():
     a = np.arange(2 * 3 * 2 * 2 * 4 * 5, dtype=np.uint16).reshape(2, 3, 2, 2, 4, 5)
     z = zarr.zeros(a.shape, dtype=a.dtype, chunks=(1, 1, 1, 1, 4, 5))
     z[...] = a
-    for data in (a, da.from_array(a, chunks=(1, 2, 1, 2, 4, 5)), z):
+    for data in (a, da.from_array(a, chunks=(1, 2, 1, 2, 4, 5)), z, a[:, ::-1]):
         flat = _restore._flat_planes(data, 6)
         assert flat.shape == (24, 4, 5)
-        np.testing.assert_array_equal(np.asarray(flat), a.reshape(24, 4, 5))
+        ref = np.asarray(data).reshape(24, 4, 5)
+        np.testing.assert_array_equal(np.asarray(flat), ref)
+        np.testing.assert_array_equal(flat[17, 1:3, 2:4], ref[17, 1:3, 2:4])
+        np.testing.assert_array_equal(flat[-1], ref[-1])
+    assert isinstance(_restore._flat_planes(a[:, ::-1], 6), _restore._FlatPlanes)  # no copy of a strided layer
+
+    class Recorder:  # a zarr-like source: only the region asked for is read
+        shape, dtype = a.shape, a.dtype
+        keys: list = []
+
+        def __getitem__(self, key):
+            self.keys.append(key)
+            return a[key]
+
+    src = Recorder()
+    _restore._flat_planes(src, 6)[17, 1:3, 2:4]
+    assert src.keys == [(1, 1, 0, 1, slice(1, 3), slice(2, 4))]  # 17 = 1*12 + 1*4 + 0*2 + 1
     five_d = a[0]
     assert _restore._flat_planes(five_d, 5) is five_d  # three stack axes: left as they are
     assert _restore._flat_shape((3, 2, 2, 4, 5), 5) == (3, 2, 2, 4, 5)  # three stack axes: named by the core

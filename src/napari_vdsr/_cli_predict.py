@@ -318,6 +318,8 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                     if rgb:  # the colours of a pixel together, as in the input
                         chunks[n_axes.index("C")] = n_shape[n_axes.index("C")]
                     ps = scaled_pixel_size(src.meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
+                    if src.meta.get("time_increment"):
+                        ps["T"] = tuple(src.meta["time_increment"])
                     attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0])
                     attrs["napari_vdsr"] = _zarr_attrs(inp, src.meta, axes, a, scale, net_card[1])["napari_vdsr"]
                     z = create_ngff(tmp, n_axes, n_shape, chunks, dtype, attrs)

@@ -105,6 +105,22 @@ class _Job:
             return None
         return int(np.ravel_multi_index(self.plane, self.src.lead_shape))
 
+    @property
+    def per_channel(self) -> bool:
+        """An RGB layer restored channel by channel (not 8-bit: see :func:`_layer_axes`)."""
+        return bool(self.src.rgb) and self.axes.endswith("C")
+
+    @property
+    def core_planes(self) -> Optional[list[int]]:
+        """The planes the core restores for 'current plane' (None: all): the plane, or its colour channels."""
+        k = self.flat_plane
+        if k is None:
+            return None
+        if self.per_channel:  # the core numbers (plane, channel) pairs: channel last
+            n = int(self.data.shape[-1])
+            return [k * n + c for c in range(n)]
+        return [k]
+
 
 def _layer_axes(shape: tuple[int, ...], rgb: bool, dtype: Any) -> str:
     """The axes a layer is restored with: napari's RGB flag, except for RGB layers that are not 8-bit.
@@ -136,18 +152,52 @@ def _flat_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return (int(np.prod(shape[:n_lead], dtype=np.int64)),) + tuple(shape[n_lead:])
 
 
+class _FlatPlanes:
+    """An array-like with the leading axes of ``data`` merged into one, read plane by plane.
+
+    No copy and no reshape of the source: an index on the merged axis becomes the index of
+    those axes, so a region of a plane reads only that region of a zarr or dask layer.
+    """
+
+    def __init__(self, data: Any, n_lead: int) -> None:
+        self.data = data
+        self.lead = tuple(int(s) for s in data.shape[:n_lead])
+        self.shape = _flat_shape(tuple(int(s) for s in data.shape), n_lead + 2)
+        self.dtype = np.dtype(data.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if not key or key[0] is Ellipsis:
+            key = (slice(None),) + key
+        first, rest = key[0], key[1:]
+        if isinstance(first, (int, np.integer)):
+            k = int(first) + (self.shape[0] if first < 0 else 0)
+            if not 0 <= k < self.shape[0]:
+                raise IndexError(f"plane {first} is out of range for {self.shape[0]} planes")
+            lead = tuple(int(i) for i in np.unravel_index(k, self.lead))
+            return np.asarray(self.data[lead + rest])
+        planes = range(self.shape[0])[first]
+        return np.stack([self[(k,) + rest] for k in planes])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 def _flat_planes(data: Any, ndim: int) -> Any:
-    """``data`` with its leading axes merged as in :func:`_flat_shape` (numpy, dask; zarr and others via dask)."""
+    """``data`` with its leading axes merged as in :func:`_flat_shape`.
+
+    A C-contiguous numpy layer gives a view; anything else (zarr, dask, strided numpy) a
+    :class:`_FlatPlanes` that reads only what the restoration asks for.
+    """
     shape = tuple(int(s) for s in data.shape)
     flat = _flat_shape(shape, ndim)
     if flat == shape:
         return data
-    if isinstance(data, np.ndarray) or (hasattr(data, "dask") and hasattr(data, "reshape")):
-        return data.reshape(flat)
-    import dask.array as da
-
-    n_lead = ndim - 2
-    return da.from_array(data, chunks=(1,) * n_lead + shape[n_lead:]).reshape(flat)
+    if isinstance(data, np.ndarray) and data.flags.c_contiguous:
+        return data.reshape(flat)  # a view
+    return _FlatPlanes(data, ndim - 2)
 
 
 @dataclass
@@ -159,7 +209,7 @@ class _Failed:
 
 def _work(job: _Job):
     """Generator run in the worker thread: yields progress events, returns the result (or a _Failed)."""
-    planes = None if job.flat_plane is None else [job.flat_plane]
+    planes = job.core_planes
     try:
         gen = restore_iter(
             job.data,
@@ -496,8 +546,8 @@ class RestoreWidget(Container):
         try:
             shape = output_shape(job.data.shape, job.axes, job.scale)
             n = int(np.prod(shape, dtype=np.int64))
-            if job.plane is not None:
-                n //= plane_count(job.data.shape, job.axes)
+            if job.core_planes is not None:
+                n = n // plane_count(job.data.shape, job.axes) * len(job.core_planes)
             advice = (
                 "restore one plane ('current plane' in 'extent') or a crop of the layer, or restore the stack to a "
                 "file block by block with `napari-vdsr predict` and open the result."
@@ -604,6 +654,8 @@ class RestoreWidget(Container):
         lead_offset = None
         name = self._output_name(src.name, job)
         if job.plane is not None:
+            if job.per_channel:  # (C, H', W'): the plane's colour channels, restored one by one
+                result = np.moveaxis(result, 0, -1)[None]
             # (1, H', W'[, S]) from the core → the layer's own axes with length-1 leading axes
             result = result.reshape((1,) * len(job.plane) + result.shape[1:])
             lead_offset = job.plane

@@ -119,6 +119,15 @@ def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Opti
     return init_from, arch, finetuned_from
 
 
+def _check_arrays_fit(arrays: Sequence[Any]) -> None:
+    """Refuse layers (numpy, dask, zarr) that would not fit in memory once read whole and kept as float32."""
+    need = sum(int(np.prod(np.shape(a), dtype=np.int64)) * (np.dtype(getattr(a, "dtype", np.float64)).itemsize + 8)
+               for a in arrays)
+    check_fits(need, f"reading the {len(arrays)} image(s) to fine-tune on",
+               "fine-tune on a crop or a few planes of them: training draws small patches (41 px), so a few "
+               "megapixels of representative images are plenty.")
+
+
 def make_finetune_trainer(
     task: str,
     images: Optional[Sequence[Any]] = None,
@@ -176,17 +185,13 @@ def make_finetune_trainer(
                       depth=arch.get("depth", 20), width=arch.get("width", 64), quantize=False, **params)
     extra = {"finetuned_from": finetuned_from, "default_for": []}
     if pairs:
+        _check_arrays_fit([x for pair in pairs for x in pair if not _is_path(x)])
         return Trainer(cfg, pairs=load_pairs(pairs, task=task, scales=scales), card_extra=extra, resume=resume)
     planes: list[Plane] = []
     is_path = [_is_path(x) for x in images]
     paths = [x for x, p in zip(images, is_path) if p]
     arrays = [x for x, p in zip(images, is_path) if not p]
-    # layers (numpy, dask, zarr) are read whole and kept as float32 planes: refuse what would not fit first
-    need = sum(int(np.prod(np.shape(a), dtype=np.int64)) * (np.dtype(getattr(a, "dtype", np.float64)).itemsize + 8)
-               for a in arrays)
-    check_fits(need, f"reading the {len(arrays)} image(s) to fine-tune on",
-               "fine-tune on a crop or a few planes of them: training draws small patches (41 px), so a few "
-               "megapixels of representative images are plenty.")
+    _check_arrays_fit(arrays)
     if paths:
         planes.extend(load_planes(paths))
     for i, a in enumerate(arrays):

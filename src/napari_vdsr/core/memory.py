@@ -9,11 +9,12 @@ layer, with it.  No Qt or napari imports.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 from .errors import InputError
 
-__all__ = ["available_bytes", "format_bytes", "check_fits"]
+__all__ = ["available_bytes", "cgroup_available", "format_bytes", "check_fits"]
 
 #: share of the free memory one result may take (the rest: the input's tiles, the network, napari's copies)
 FREE_SHARE = 0.9
@@ -22,7 +23,20 @@ NO_CHECK_ENV = "NAPARI_VDSR_NO_MEMORY_CHECK"
 
 
 def available_bytes() -> Optional[int]:
-    """Memory that can be allocated without swapping (psutil, else /proc/meminfo); None if unknown."""
+    """Memory that can be allocated without swapping; None if unknown.
+
+    The machine's available memory (psutil, else /proc/meminfo), or less when this process
+    runs in a control group with a memory limit (a container, a SLURM job): what is left
+    under that limit, reclaimable page cache counted as free.
+    """
+    host = _host_available()
+    group = cgroup_available()
+    if host is None or group is None:
+        return host if group is None else group
+    return min(host, group)
+
+
+def _host_available() -> Optional[int]:
     try:
         import psutil
     except ImportError:
@@ -40,6 +54,65 @@ def available_bytes() -> Optional[int]:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+#: cgroup v1 writes "no limit" as a number near 2**63
+_NO_LIMIT = 1 << 60
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _stat(path: Path, *keys: str) -> int:
+    text = _read(path) or ""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in keys and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def cgroup_available(root: str | os.PathLike = "/sys/fs/cgroup", proc: str | os.PathLike = "/proc/self/cgroup"
+                     ) -> Optional[int]:
+    """What is left under the memory limits of this process's control group and its parents; None: no limit.
+
+    cgroup v2 (``memory.max``, ``memory.current``, ``inactive_file``) and v1 (``memory/
+    memory.limit_in_bytes``, ``memory.usage_in_bytes``, ``total_inactive_file``).
+    """
+    root = Path(root)
+    entries = (_read(Path(proc)) or "").splitlines()
+    dirs: list[tuple[Path, str]] = []
+    for line in entries:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "" and (root / "cgroup.controllers").exists():  # v2, the unified hierarchy
+            dirs.append((root / rel.lstrip("/"), "v2"))
+        elif "memory" in controllers.split(","):
+            dirs.append((root / "memory" / rel.lstrip("/"), "v1"))
+    best: Optional[int] = None
+    for start, kind in dirs:
+        d = start
+        while True:  # the group and every parent up to the mount point: the tightest limit counts
+            if kind == "v2":
+                limit, usage = _read(d / "memory.max"), _read(d / "memory.current")
+                inactive = _stat(d / "memory.stat", "inactive_file")
+            else:
+                limit, usage = _read(d / "memory.limit_in_bytes"), _read(d / "memory.usage_in_bytes")
+                inactive = _stat(d / "memory.stat", "total_inactive_file")
+            if limit and limit.isdigit() and usage and usage.isdigit() and int(limit) < _NO_LIMIT:
+                left = max(0, int(limit) - max(0, int(usage) - inactive))
+                best = left if best is None else min(best, left)
+            top = root if kind == "v2" else root / "memory"
+            if d == top or d.parent == d:
+                break
+            d = d.parent
+    return best
 
 
 def format_bytes(n: float) -> str:

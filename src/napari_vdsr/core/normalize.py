@@ -119,7 +119,7 @@ def range_without_outliers(lo: float, hi: float, plo: float, phi: float) -> tupl
 
 
 def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (-2, -1),
-                    robust: bool = True) -> Intensity:
+                    robust: bool = True, callbacks: Any = None) -> Intensity:
     """Choose the :class:`Intensity` map for ``data`` (numpy or dask array).
 
     uint8 → [0, 255]; float data already inside [0, 1] → [0, 1]; anything else → the data's
@@ -128,7 +128,9 @@ def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (
     does not set them (``robust``; a 16-bit image with a few hot pixels at 65535 would otherwise
     squeeze its signal into a sliver of the network's range and restore worse than bicubic).
     Values outside the range pass through the network's affine map unclipped. Computed lazily
-    for dask arrays.
+    for dask arrays; ``callbacks`` are handed to that computation (``dask.compute(...,
+    callbacks=...)``: this computation's own, unlike a ``with Callback()`` block, which registers
+    for every thread).
     """
     dtype = np.dtype(dtype if dtype is not None else data.dtype)
     check_dtype(dtype)
@@ -140,7 +142,7 @@ def intensity_range(data, dtype: np.dtype | None = None, yx: tuple[int, int] = (
         import dask
 
         plo, phi = pair_extremes(data, yx) if use_pairs else (lo, hi)
-        lo, hi, plo, phi = dask.compute(lo, hi, plo, phi)
+        lo, hi, plo, phi = dask.compute(lo, hi, plo, phi, **({"callbacks": callbacks} if callbacks else {}))
         return intensity_from_extremes(float(lo), float(hi), float(plo), float(phi), dtype)
     lo, hi = float(lo), float(hi)
     if not use_pairs or not (np.isfinite(lo) and np.isfinite(hi)) or _unit_float(dtype, lo, hi):

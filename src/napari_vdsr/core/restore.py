@@ -593,10 +593,12 @@ def _intensity(job: _Job):
         if not _is_dask(img):
             return intensity_range(img, dtype, yx=yx)
         # a lazy stack is read whole for its range (even for one plane): a caller's Cancel stops the reads
-        from dask.callbacks import Callback
+        # (dask's local schedulers call ``pretask`` in this thread; a distributed client does not call it)
+        def pretask(*_: Any) -> None:
+            raise_if_stopped(_SCANNING)
 
-        with Callback(pretask=lambda *_: raise_if_stopped(_SCANNING)):
-            return intensity_range(img, dtype, yx=yx)
+        # dask's callback tuple: (start, start_state, pretask, posttask, finish)
+        return intensity_range(img, dtype, yx=yx, callbacks=[(None, None, pretask, None, None)])
     lo, hi, plo, phi = math.inf, -math.inf, math.inf, -math.inf
     for k in range(job.n_all):
         reader = _PlaneReader(img, job.index_of(k), job.ax, job.to_canon)
