@@ -375,6 +375,54 @@ def test_current_plane_of_a_16_bit_rgb_stack_restores_that_plane_s_channels(make
     np.testing.assert_array_equal(one.data[0], full.data[2])  # plane 2's three channels, not channels of plane 0
 
 
+
+def test_a_16_bit_rgba_layer_keeps_its_alpha_and_its_colour_range(make_napari_viewer, qtbot, tiny_model):
+    """An opaque alpha at 65535 restored as a fourth channel set the colours' range and was itself changed."""
+    from napari_vdsr.core.restore import restore
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(6)
+    img = np.empty((24, 28, 4), np.uint16)
+    img[..., :3] = rng.integers(500, 3500, (24, 28, 3))
+    img[..., 3] = 65535
+    layer = viewer.add_image(img, name="rgba16", rgb=True, contrast_limits=(400, 3600))
+    w = make_widget(viewer, DenoiseWidget, tiny_model)
+    w._device.value, w._precision.value = "cpu", "float32"
+    w._update_state()
+    assert w._info.value.startswith("RGB ") and "each channel" not in w._info.value
+    run_and_wait(w, qtbot)
+    out = viewer.layers[-1]
+    assert out.rgb and out.data.shape == img.shape and np.all(out.data[..., 3] == 65535)
+    np.testing.assert_array_equal(out.data, restore(img, task="denoise", model=tiny_model, axes="YXS",
+                                                    device="cpu", amp=False))
+    assert tuple(out.contrast_limits) == (400, 3600)  # an RGB layer's limits are carried over too
+    assert np.array_equal(layer.data, img)
+
+
+def test_a_16_bit_rgb_layer_with_three_stack_axes_is_restored(make_napari_viewer, qtbot, tiny_model):
+    """(T, C, Z, Y, X, 3) uint16: per channel the colours take the core's C, so the stack axes are numbered."""
+    viewer = make_napari_viewer()
+    stack = np.random.default_rng(7).integers(0, 4000, (2, 1, 2, 16, 16, 3)).astype(np.uint16)
+    viewer.add_image(stack, name="tczyx rgb", rgb=True)
+    w = make_widget(viewer, SuperResolveWidget, tiny_model)
+    w._device.value, w._precision.value = "cpu", "float32"
+    w._extent.value = _restore.WHOLE_STACK
+    assert "16×16 → 32×32, 4 planes" in w._info.value, w._info.value
+    run_and_wait(w, qtbot)
+    assert viewer.layers[-1].data.shape == (2, 1, 2, 32, 32, 3)
+
+
+def test_progress_of_a_per_channel_rgb_stack_counts_planes_and_colours():
+    from types import SimpleNamespace
+
+    job = SimpleNamespace(per_channel=True, data=np.zeros((10, 8, 8, 3)), plane=None)
+    assert _restore._progress_where(job, 16, 30) == "plane 6/10, channel 2/3"
+    job.plane = (4,)
+    assert _restore._progress_where(job, 2, 3) == "plane 4, channel 3/3"
+    job = SimpleNamespace(per_channel=False, data=np.zeros((10, 8, 8)), plane=None)
+    assert _restore._progress_where(job, 6, 10) == "plane 7/10"
+
+
 # --------------------------------------------------------------------------- cancel and errors
 
 

@@ -56,7 +56,7 @@ class LayerSnapshot:
             affine=np.array(layer.affine.affine_matrix, dtype=float),
             metadata=dict(layer.metadata),
             colormap=None if layer.rgb else layer.colormap,
-            contrast_limits=None if layer.rgb else [float(v) for v in layer.contrast_limits],
+            contrast_limits=[float(v) for v in layer.contrast_limits],  # RGB too: napari applies them to colours
             gamma=float(layer.gamma),
             opacity=float(layer.opacity),
             blending=str(getattr(layer.blending, "value", layer.blending)),
@@ -145,7 +145,7 @@ def output_layer_kwargs(
     ``out_shape`` is the result's data shape (same axes as the input; for a
     single restored plane the leading axes have length 1 and ``lead_offset``
     gives the plane's index, so the layer sits at that plane in world space).
-    Integer data keep the input's contrast limits; colormap, blending, gamma,
+    The input's contrast limits are kept (RGB layers' too); colormap, blending, gamma,
     opacity, rotation, shear, affine, units, axis labels and metadata are carried.
     """
     oh, ow = int(out_shape[src.ndim - 2]), int(out_shape[src.ndim - 1])
@@ -171,8 +171,8 @@ def output_layer_kwargs(
     if not src.rgb:
         kw["colormap"] = src.colormap
         kw["gamma"] = src.gamma
-        if src.contrast_limits is not None and src.contrast_limits[1] > src.contrast_limits[0]:
-            kw["contrast_limits"] = list(src.contrast_limits)
+    if src.contrast_limits is not None and src.contrast_limits[1] > src.contrast_limits[0]:
+        kw["contrast_limits"] = list(src.contrast_limits)
     if src.units is not None:
         kw["units"] = src.units
     if src.axis_labels is not None:

@@ -128,10 +128,13 @@ def _layer_axes(shape: tuple[int, ...], rgb: bool, dtype: Any) -> str:
     napari shows any (..., Y, X, 3|4) array as RGB whatever its type; a photograph is 8-bit, and
     its luminance is restored (colour interpolated).  Three 16-bit or float channels are more
     likely fluorescence channels, each of which needs restoring (its own noise, its own detail):
-    they are restored one by one, as the channels of any other stack.
+    they are restored one by one, as the channels of any other stack.  RGBA keeps the colour path
+    (luminance restored, colours and alpha interpolated) whatever its type: an alpha restored as a
+    channel would be changed by the network and, being mostly opaque at the top of the range,
+    would set the intensity range of the colours.
     """
     axes = infer_axes(shape, rgb=rgb)
-    if rgb and axes.endswith("S") and np.dtype(dtype) != np.uint8:
+    if rgb and axes.endswith("S") and np.dtype(dtype) != np.uint8 and int(shape[-1]) == 3:
         axes = axes[:-1] + "C"
     return axes
 
@@ -140,16 +143,26 @@ def _layer_axes(shape: tuple[int, ...], rgb: bool, dtype: Any) -> str:
 _MAX_LEAD = 3
 
 
-def _flat_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    """``shape`` with the leading axes of a layer of ``ndim`` dims merged into one when there are more than 3.
+def _flat_shape(shape: tuple[int, ...], ndim: int, max_lead: int = _MAX_LEAD) -> tuple[int, ...]:
+    """``shape`` with the leading axes of a layer of ``ndim`` dims merged into one when there are more than
+    ``max_lead``.
 
     Every Y/X plane is restored on its own, so a 6-D layer (position, time, channel, Z, Y, X)
     is restored as one run of its planes and given back its shape.
     """
     n_lead = ndim - 2
-    if n_lead <= _MAX_LEAD:
+    if n_lead <= max_lead:
         return shape
     return (int(np.prod(shape[:n_lead], dtype=np.int64)),) + tuple(shape[n_lead:])
+
+
+def _layout(shape: tuple[int, ...], ndim: int, rgb: bool, dtype: Any) -> tuple[tuple[int, ...], int, str]:
+    """``(shape to restore, max_lead, axes)`` of a layer: its leading axes merged when the core could
+    not name them all (three; two for an RGB layer restored per channel, whose colours take the C)."""
+    per_channel = bool(rgb) and np.dtype(dtype) != np.uint8 and int(shape[-1]) == 3
+    max_lead = _MAX_LEAD - (1 if per_channel else 0)
+    flat = _flat_shape(shape, ndim, max_lead)
+    return flat, max_lead, _layer_axes(flat, rgb, dtype)
 
 
 class _FlatPlanes:
@@ -162,7 +175,7 @@ class _FlatPlanes:
     def __init__(self, data: Any, n_lead: int) -> None:
         self.data = data
         self.lead = tuple(int(s) for s in data.shape[:n_lead])
-        self.shape = _flat_shape(tuple(int(s) for s in data.shape), n_lead + 2)
+        self.shape = (int(np.prod(self.lead, dtype=np.int64)),) + tuple(int(s) for s in data.shape[n_lead:])
         self.dtype = np.dtype(data.dtype)
         self.ndim = len(self.shape)
 
@@ -185,19 +198,31 @@ class _FlatPlanes:
         return out if dtype is None else out.astype(dtype)
 
 
-def _flat_planes(data: Any, ndim: int) -> Any:
+def _flat_planes(data: Any, ndim: int, max_lead: int = _MAX_LEAD) -> Any:
     """``data`` with its leading axes merged as in :func:`_flat_shape`.
 
     A C-contiguous numpy layer gives a view; anything else (zarr, dask, strided numpy) a
     :class:`_FlatPlanes` that reads only what the restoration asks for.
     """
     shape = tuple(int(s) for s in data.shape)
-    flat = _flat_shape(shape, ndim)
+    flat = _flat_shape(shape, ndim, max_lead)
     if flat == shape:
         return data
     if isinstance(data, np.ndarray) and data.flags.c_contiguous:
         return data.reshape(flat)  # a view
     return _FlatPlanes(data, ndim - 2)
+
+
+def _progress_where(job: _Job, pos: int, n: int) -> str:
+    """'plane 3/10' of the planes under way; an RGB layer restored per channel counts planes and colours."""
+    if not job.per_channel:
+        return f"plane {pos + 1}/{n}"
+    c = int(job.data.shape[-1])
+    if job.plane is not None:
+        where = f"plane {', '.join(map(str, job.plane))}, "
+    else:
+        where = f"plane {pos // c + 1}/{n // c}, " if n > c else ""
+    return f"{where}channel {pos % c + 1}/{c}"
 
 
 @dataclass
@@ -451,8 +476,7 @@ class RestoreWidget(Container):
         try:
             data = layer.data[0] if layer.multiscale else layer.data
             shape = tuple(int(s) for s in data.shape)
-            flat = _flat_shape(shape, snap_ndim)
-            axes = _layer_axes(flat, bool(layer.rgb), data.dtype)
+            flat, _, axes = _layout(shape, snap_ndim, bool(layer.rgb), data.dtype)
             out = output_shape(flat, axes, self._scale())
             h, w = shape[snap_ndim - 2 : snap_ndim]
             iy = axes.index("Y")
@@ -521,7 +545,9 @@ class RestoreWidget(Container):
         try:
             model, model_label = self._model_spec()
             src = LayerSnapshot.of(layer)
-            data = _flat_planes(layer.data[0] if layer.multiscale else layer.data, src.ndim)
+            data = layer.data[0] if layer.multiscale else layer.data
+            _, max_lead, _ = _layout(tuple(int(n) for n in data.shape), src.ndim, src.rgb, data.dtype)
+            data = _flat_planes(data, src.ndim, max_lead)
             axes = _layer_axes(tuple(int(n) for n in data.shape), src.rgb, data.dtype)
         except VDSRError as exc:
             self._notify("error", f"{self.verb}: {exc}")
@@ -549,7 +575,7 @@ class RestoreWidget(Container):
             if job.core_planes is not None:
                 n = n // plane_count(job.data.shape, job.axes) * len(job.core_planes)
             advice = (
-                "restore one plane ('current plane' in 'extent') or a crop of the layer, or restore the stack to a "
+                "restore one plane ('current plane' in 'process') or a crop of the layer, or restore the stack to a "
                 "file block by block with `napari-vdsr predict` and open the result."
                 if job.plane is None and job.src.ndim > 2 else
                 "restore a crop of the layer, or restore it to a file block by block with `napari-vdsr predict`."
@@ -622,8 +648,9 @@ class RestoreWidget(Container):
             return
         if pbr.total != ev.total:
             pbr.total = ev.total
-        if ev.n_planes > 1:
-            pbr.set_description(f"{self.verb} {self._job.src.name}: plane {ev.plane + 1}/{ev.n_planes}")
+        job = self._job
+        if ev.n_planes > 1 and job is not None:
+            pbr.set_description(f"{self.verb} {job.src.name}: {_progress_where(job, ev.plane, ev.n_planes)}")
         pbr.update(ev.done - pbr.n)
 
     def _on_destroyed(self, *_: Any) -> None:
