@@ -437,3 +437,34 @@ def test_layers_larger_than_free_memory_are_refused_before_they_are_read(tiny_ba
         make_finetune_trainer("sr", pairs=[(low, big)], base_model=str(tiny_base), out=str(tmp_path / "ft"),
                               device="cpu")
     assert not any(reads)
+
+
+def test_stop_before_the_first_validation_reports_the_psnr_it_measured(tiny_base: Path, stack: np.ndarray,
+                                                                       tmp_path: Path) -> None:
+    import json
+
+    tr = make_finetune_trainer("sr", images=[stack], base_model=str(tiny_base), out=str(tmp_path / "ft"),
+                               iterations=50, val_every=40, batch_size=2, patch_size=16, device="cpu", val_crop=64)
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 2:
+            tr.stop()
+    assert ev.kind == "stopped" and ev.step < 40
+    card = json.loads((tmp_path / "ft" / "best.json").read_text())
+    assert ev.best_psnr is not None and ev.best_psnr == pytest.approx(card["metrics"]["validation"]["psnr"])
+
+
+def test_a_pair_whose_brightness_differs_is_reported():
+    """Both images are mapped with the degraded image's range; a clean image 5x brighter is mostly clipped."""
+    import warnings
+
+    from napari_vdsr.core.data import planes_from_pair
+
+    rng = np.random.default_rng(3)
+    clean = rng.integers(0, 5000, (40, 40)).astype(np.uint16)
+    dim = (clean // 5 + rng.integers(0, 20, clean.shape)).astype(np.uint16)  # the fast, dim acquisition
+    with pytest.warns(RuntimeWarning, match=r"of the clean image's pixels lie far outside.*brightness"):
+        planes_from_pair(dim, clean, task="denoise", name="dim")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matched pair says nothing
+        planes_from_pair(np.clip(clean.astype(int) + rng.integers(-30, 30, clean.shape), 0, 65535).astype(np.uint16),
+                         clean, task="denoise")

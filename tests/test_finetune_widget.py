@@ -228,7 +228,8 @@ def test_base_model_for_another_task(make_napari_viewer, sr_model, tmp_path, not
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("lr", "fast", "learning rate"), ("scales", "2, x", "SR scale"), ("scales", "20", "between 1 and 16")],
+    [("lr", "fast", "learning rate"), ("scales", "2, x", "SR scale"), ("scales", "20", "between 1 and 16"),
+     ("scales", "1", "enlarges nothing")],
 )
 def test_bad_settings(make_napari_viewer, sr_model, tmp_path, notes, field, value, message):
     viewer = make_napari_viewer()
@@ -317,6 +318,50 @@ def test_unexpected_error_during_training_is_reported_and_frees_the_widget(
     assert w.registered_name is None
     assert any("RuntimeError" in n and "CUDNN_STATUS" in n and str(tmp_path) in n for n in notes), notes
     assert w._run_btn.enabled and not w._stop_btn.enabled and w._steps.enabled
+
+
+def test_a_diverging_run_says_where_what_is_kept_and_what_to_change(make_napari_viewer, qtbot, sr_model, tmp_path,
+                                                                    notes, monkeypatch):
+    from napari_vdsr.core.train import Trainer
+
+    real_step = Trainer._train_step
+
+    def step(self, k):  # the loss turns NaN from step 6 on, after the validations at steps 2 and 4
+        out = real_step(self, k)
+        return out * float("nan") if k >= 5 else out
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((3, 40, 40), seed=8), name="cells")
+    w = make_widget(viewer, sr_model, tmp_path, steps=12, val_every=2, name="wild")
+    run_and_wait(w, qtbot)
+    assert w.registered_name is None
+    note = next(n for n in notes if "diverged" in n)
+    assert "NaN or infinite at step" in note and "Lower the learning rate" in note and "--" not in note
+    best = tmp_path / "wild" / "best.safetensors"
+    assert best.exists() and str(best) in note  # the model validated before is kept, and named
+    assert w._run_btn.enabled and not w._stop_btn.enabled
+
+
+def test_no_noise_is_refused_and_a_refused_start_does_not_take_the_name(make_napari_viewer, sr_model, denoise_model,
+                                                                        tmp_path, notes):
+    from napari_vdsr.core.train import LOCK_NAME
+
+    viewer = make_napari_viewer()
+    viewer.add_image(synthetic_cells((2, 40, 40)), name="cells")
+    w = make_widget(viewer, denoise_model, tmp_path, task="denoise", name="quiet")
+    w._sigma_lo.value, w._sigma_hi.value = 0.0, 0.0
+    assert w.run() is None
+    assert any("adds no noise" in n for n in notes), notes
+    # a folder left with only the lock file of a start that was refused is free again (no 'quiet-2')
+    (tmp_path / "quiet").mkdir()
+    (tmp_path / "quiet" / LOCK_NAME).write_text("12345\n")
+    w._sigma_hi.value = 30.0
+    job = w._make_job()
+    assert job is not None and job.name == "quiet" and job.out == tmp_path / "quiet"
+    assert "sigma_range" in job.overrides
+    (tmp_path / "quiet" / "best.safetensors").write_bytes(b"x")  # a folder with a model in it is not
+    assert w._make_job().name == "quiet-2"
 
 
 def test_settings_are_taken_as_given_or_refused_clearly(make_napari_viewer, sr_model, tmp_path, notes):

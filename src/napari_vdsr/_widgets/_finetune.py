@@ -41,9 +41,9 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ..core.errors import TrainingError, VDSRError
+from ..core.errors import Diverged, TrainingError, VDSRError
 from ..core.finetune import FINETUNE_DEFAULTS, make_finetune_trainer
-from ..core.train import SGD_CLIP_THETA
+from ..core.train import SGD_CLIP_THETA, run_dir_is_free
 from ..core.weights import TASK_LABELS, TASKS, default_model_name, list_models, read_card, register_model, resolve_model_path
 from ._restore import DEFAULT, DEVICES, FROM_FILE, model_tooltip, refresh_model_choices, reset_choices_in_order
 
@@ -128,8 +128,12 @@ def _work(job: _Job):
                 yield ev
         finally:
             gen.close()
+    except Diverged as exc:
+        return _Failed(_diverged_message(exc, job))
     except VDSRError as exc:
         return _Failed(str(exc))
+    except MemoryError:
+        return _Failed(_OUT_OF_MEMORY)
     except ValueError as exc:  # pydantic ValidationError of TrainConfig, numpy shape errors
         errors = getattr(exc, "errors", None)
         if callable(errors):
@@ -137,12 +141,27 @@ def _work(job: _Job):
             return _Failed(f"invalid settings: {msg}.")
         return _Failed(f"the training data could not be used ({exc}).")
     except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            return _Failed("the device ran out of memory; lower the batch size or the patch size, or use the CPU.")
+        text = str(exc).lower()
+        if "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text:
+            return _Failed(_OUT_OF_MEMORY)
         return _unexpected(exc, job)
     except Exception as exc:  # noqa: BLE001
         return _unexpected(exc, job)
     return None
+
+
+_OUT_OF_MEMORY = ("the device ran out of memory; lower the batch size or the patch size, use fewer or smaller "
+                  "layers (a crop), or on a GPU use the CPU.")
+
+
+def _diverged_message(exc: Diverged, job: "_Job") -> str:
+    """The widget's words for a loss that became NaN/inf: where, what is kept, what to change."""
+    best = Path(str(job.out)) / "best.safetensors"
+    kept = (f" The best model validated before that is kept as {best}: pick it with 'file…' (base model, to go "
+            "on from it, or a restore widget's model)." if best.exists() else " No model was validated before it.")
+    return (f"the training diverged: the loss became NaN or infinite at step {exc.step} (learning rate "
+            f"{exc.lr:g}).{kept} Lower the learning rate, or choose the SGD optimiser with a clipping θ "
+            "(e.g. 0.01), and start again.")
 
 
 def _unexpected(exc: Exception, job: "_Job") -> _Failed:
@@ -639,7 +658,7 @@ class FinetuneWidget(Container):
             raise TrainingError(f"the folder {root} cannot be written to ({exc.strerror or exc}); choose another "
                                 "'save to' folder.") from None
         base, k = name, 1
-        while (root / name).exists() and (not (root / name).is_dir() or any((root / name).iterdir())):
+        while not run_dir_is_free(root / name):  # a refused start's bare lock file does not take the name
             k += 1
             name = f"{base}-{k}"
         return root / name, name
@@ -662,10 +681,18 @@ class FinetuneWidget(Container):
                 lr=lr, optimizer=str(self._optimizer.value), clip_theta=theta if theta > 0 else None,
                 val_fraction=float(self._val_fraction.value), val_every=int(self._val_every.value),
             )
-            if task == "denoise":
+            if pairs is not None:
+                pass  # the pair is the degradation: the σ and quality ranges (hidden) do not apply
+            elif task == "sr" and min(scales) <= 1.0:
+                raise TrainingError("an SR scale of 1 enlarges nothing, so there is nothing to learn from clean "
+                                    "layers; write the magnification to fine-tune for, e.g. 2.")
+            elif task == "denoise":
                 lo, hi = float(self._sigma_lo.value), float(self._sigma_hi.value)
                 if lo > hi:
                     raise TrainingError(f"noise σ range {lo:g}–{hi:g}: the first value must not exceed the second.")
+                if hi <= 0:
+                    raise TrainingError("noise σ range 0–0 adds no noise, so there is nothing to learn; raise the "
+                                        "second value (e.g. 50).")
                 overrides["sigma_range"] = (lo, hi)
             elif task == "deblock":
                 qlo, qhi = int(self._q_lo.value), int(self._q_hi.value)
@@ -794,7 +821,7 @@ class FinetuneWidget(Container):
     def _psnr_text(self, psnr: Optional[float], prefix: str = "") -> str:
         c = self.curves
         if psnr is None:
-            return prefix + "n/a (no validation data)"
+            return prefix + "not measured (no held-out planes: raise the validation fraction)"
         parts = [f"{prefix}{psnr:.2f} dB"]
         if c.base_model_psnr is not None:
             parts.append(f"{psnr - c.base_model_psnr:+.2f} dB vs base model ({c.base_model_psnr:.2f})")

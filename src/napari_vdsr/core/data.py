@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -340,11 +341,13 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
                and deg.shape[-2] > 4)
     # the map restore() will use: that of the image being restored, the degraded one (RGB: its colours)
     inten = intensity_range(deg[..., :3], yx=(-3, -2)) if rgb else intensity_range(deg)
+    c_net = inten.to_net(cln[..., :3] if rgb else cln)
+    _warn_if_beyond_range(c_net, name)
     if rgb:
         d = rgb_to_y(clip_outliers(inten.to_net(deg[..., :3])) * 255.0) / 255.0
-        c = rgb_to_y(clip_outliers(inten.to_net(cln[..., :3])) * 255.0) / 255.0
+        c = rgb_to_y(clip_outliers(c_net) * 255.0) / 255.0
     else:  # outliers (a hot pixel) held at their bound: one pixel must not outweigh its patch
-        d, c = clip_outliers(inten.to_net(deg)), clip_outliers(inten.to_net(cln))
+        d, c = clip_outliers(inten.to_net(deg)), clip_outliers(c_net)
     if d.ndim != c.ndim or d.shape[:-2] != c.shape[:-2]:
         raise TrainingError(
             f"{name}: the degraded image {deg.shape} and the clean image {cln.shape} do not match; "
@@ -370,6 +373,26 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
         (Plane(f"{name}[{i}]", np.ascontiguousarray(d[i])), Plane(f"{name}[{i}]", np.ascontiguousarray(c[i])))
         for i in range(len(c))
     ]
+
+
+#: share of a clean image's pixels beyond the degraded image's range above which a pair is reported
+BEYOND_RANGE_WARN = 0.01
+
+
+def _warn_if_beyond_range(c_net: np.ndarray, name: str) -> None:
+    """Warn when many clean pixels fall outside the degraded image's intensity range (they are held at its
+    bound): the two images differ in brightness (a gain or an offset), and the targets would be clipped."""
+    from .normalize import OUTLIER_FRACTION
+
+    beyond = float(np.mean((c_net < -OUTLIER_FRACTION) | (c_net > 1.0 + OUTLIER_FRACTION)))
+    if beyond > BEYOND_RANGE_WARN:
+        warnings.warn(
+            f"{name}: {beyond:.0%} of the clean image's pixels lie far outside the degraded image's intensity "
+            "range (both are mapped with the degraded image's range, as restoring will) and are held at its "
+            "bound, so the model learns clipped targets. The two images differ in brightness (gain or offset): "
+            "match their intensities first (e.g. scale the clean image to the degraded one's range).",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 class PairSampler:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VDSRError", "InputError", "ModelError", "TrainingError", "Cancelled"]
+__all__ = ["VDSRError", "InputError", "ModelError", "TrainingError", "Diverged", "Cancelled"]
 
 
 class VDSRError(ValueError):
@@ -19,6 +19,14 @@ class ModelError(VDSRError):
 
 class TrainingError(VDSRError):
     """Training cannot start or cannot continue (bad data, non-finite loss, ...)."""
+
+
+class Diverged(TrainingError):
+    """The training loss became NaN or infinite; ``step`` and ``lr`` say where, ``out`` is the run folder."""
+
+    def __init__(self, message: str, step: int, lr: float, out: object = None) -> None:
+        super().__init__(message)
+        self.step, self.lr, self.out = step, lr, out
 
 
 class Cancelled(VDSRError):

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .data import PatchSampler, Plane, ValidationItem, load_planes, make_validation, split_validation
 from .device import cpu_label, memory_format, resolve_device
-from .errors import TrainingError
+from .errors import Diverged, TrainingError
 from .model import VDSR
 
 __all__ = ["TrainConfig", "TrainEvent", "Trainer", "train", "clip_gradients", "lr_at", "load_checkpoint", "CHECKPOINT_NAME",
@@ -549,6 +549,32 @@ def lock_run_dir(out: Path) -> Optional[Any]:
     return fh
 
 
+def run_dir_is_free(out: Path) -> bool:
+    """True when ``out`` can take a new run: missing, empty, or holding only the lock file of a run that
+    ended before it wrote anything (a refused start), which no process holds now."""
+    out = Path(out)
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    entries = list(out.iterdir())
+    if not entries:
+        return True
+    if [e.name for e in entries] != [LOCK_NAME]:
+        return False
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock files are written
+        return False
+    try:
+        with open(out / LOCK_NAME, "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return False  # a process holds it: a run is starting there
+    return True
+
+
 class Trainer:
     """One training run.  Iterate :meth:`run` (or call :func:`train`) to make progress.
 
@@ -952,9 +978,12 @@ class Trainer:
         pending.clear()
         for step, v in zip(steps, values):
             if not math.isfinite(v):
-                raise TrainingError(
-                    f"the loss became {v} at step {step} (learning rate {lr_at(self.config, step - 1):g}); "
-                    "training stopped and the last good checkpoint was kept. Lower --lr or --clip-theta and resume."
+                lr = lr_at(self.config, step - 1)
+                raise Diverged(
+                    f"the loss became {v} at step {step} (learning rate {lr:g}); training stopped. The best "
+                    "weights validated so far (best.safetensors) and the last checkpoint, if one was written, "
+                    "are kept. Lower --lr (or clip the gradients: --optimizer sgd --clip-theta) and resume.",
+                    step=step, lr=lr, out=self.config.out,
                 )
         return float(values[-1])
 
@@ -1145,15 +1174,16 @@ class Trainer:
                 self.best_path = self._export("best", {"step": self.step, "note": "no validation data"})
             elif self.best_path is None and (self.out / "best.safetensors").exists():
                 self.best_path = self.out / "best.safetensors"
-            elif self.best_path is None:
+            elif self.best_path is None:  # stopped before the first validation: the weights are validated now
                 vp, bp, per = self._validate()
+                self.best = vp
                 self.best_path = self._export("best", {"psnr": vp, "baseline_psnr": bp, "per_level": per, "step": self.step})
             if self.step > first_step or self._last_export_step() != self.step:  # a finished run resumed keeps its card
                 self._export("last", last_metrics or {"step": self.step})
         if self.distributed:  # the others wait while the main process checkpoints and exports
             torch.distributed.barrier()
         kind = "stopped" if self.step < total else "done"
-        end = TrainEvent(kind, self.step, total, best_psnr=self.best if math.isfinite(self.best) else None,
+        end = TrainEvent(kind, self.step, total, best_psnr=self.best if self.best > -math.inf else None,
                          elapsed=time.monotonic() - t0, path=str(self.best_path) if self.best_path else (str(p) if p else None),
                          message=f"{kind} at step {self.step}/{total}" if self.step <= total else
                          f"{kind}: nothing trained, the run was already at step {self.step}, past {total}")
