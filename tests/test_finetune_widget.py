@@ -175,6 +175,21 @@ def test_paired_denoise(make_napari_viewer, qtbot, denoise_model, tmp_path, note
     _, card = weights.load_model(w.model_path, task="denoise")
     assert card["training"]["val_planes"] == 1 and card["training"]["train_planes"] == 2
     assert w.model_path.parent.parent == tmp_path
+    assert not any("pixels apart" in n for n in notes), notes
+
+
+def test_a_pair_lined_up_only_in_the_viewer_is_reported(make_napari_viewer, denoise_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    clean = synthetic_cells((2, 40, 40), seed=3, photons=None, dtype=np.float32)
+    viewer.add_image(clean[:, 3:, :], name="noisy", translate=(0, 3, 0))  # cropped, then shifted back on screen
+    viewer.add_image(clean[:, :37, :], name="clean")
+    w = make_widget(viewer, denoise_model, tmp_path, task="denoise")
+    w._mode.value = _finetune.PAIRED
+    w._degraded.value = viewer.layers["noisy"]
+    w._clean.value = viewer.layers["clean"]
+    job = w._make_job()
+    assert job is not None  # a warning, not a refusal
+    assert any("up to 3 pixels apart" in n and "register the data" in n for n in notes), notes
 
 
 def test_second_run_gets_its_own_folder(make_napari_viewer, qtbot, sr_model, tmp_path):

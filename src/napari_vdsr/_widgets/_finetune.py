@@ -192,6 +192,26 @@ def _spatial_shape(layer: Any) -> tuple[int, int]:
     return shape[-3:-1] if layer.rgb else shape[-2:]
 
 
+def _pair_offset(degraded: Any, clean: Any) -> Optional[float]:
+    """How far apart (in clean pixels) napari shows the corners of a same-size pair; None when not comparable.
+
+    A pair trains pixel for pixel as stored: a translate, scale, rotation or affine that lines the
+    two layers up on screen is not applied to the data.
+    """
+    if degraded.ndim != clean.ndim or degraded.rgb != clean.rgb or _spatial_shape(degraded) != _spatial_shape(clean):
+        return None
+    h, w = _spatial_shape(clean)
+    lead = [0.0] * (clean.ndim - 2)
+    corners = [lead + [y, x] for y, x in ((0.0, 0.0), (h - 1.0, 0.0), (0.0, w - 1.0), (h - 1.0, w - 1.0))]
+    try:
+        a = np.array([degraded.data_to_world(c) for c in corners], dtype=float)[:, -2:]
+        b = np.array([clean.data_to_world(c) for c in corners], dtype=float)[:, -2:]
+        pixel = float(np.min(np.abs(np.asarray(clean.scale, dtype=float)[-2:]))) or 1.0
+    except Exception:  # noqa: BLE001 - a check for a warning only
+        return None
+    return float(np.max(np.linalg.norm(a - b, axis=1))) / pixel
+
+
 def _layer_array(layer: Any) -> Any:
     return layer.data[0] if layer.multiscale else layer.data
 
@@ -630,6 +650,15 @@ class FinetuneWidget(Container):
                 raise TrainingError(
                     f"layer {c.name!r} is {h}×{w} px, smaller than one training patch ({patch} px per side); "
                     "lower the patch size or use a larger layer."
+                )
+            off = _pair_offset(d, c)
+            if off is not None and off > 0.5:
+                self._notify(
+                    "warning",
+                    f"Fine-tune: napari shows {d.name!r} and {c.name!r} up to {off:.3g} pixels apart (their "
+                    "translate, scale, rotation or affine differ). A pair trains pixel for pixel as the data are "
+                    "stored, so that alignment is not used: register the data themselves if the pixels do not "
+                    "correspond.",
                 )
             return None, [(_layer_array(d), _layer_array(c))], c.name
         layers = [lyr for lyr in (self._images.value or []) if isinstance(lyr, Image)]
