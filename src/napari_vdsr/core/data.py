@@ -359,7 +359,7 @@ def planes_from_pair(degraded: np.ndarray, clean: np.ndarray, task: str = "sr", 
             raise TrainingError(
                 f"{name}: the clean image {cln.shape} is smaller than the degraded one {deg.shape}; for "
                 "super-resolution give the low-resolution image first and the high-resolution one second "
-                "(--pairs LOW HIGH)."
+                "(command line: --pairs LOW HIGH; Fine-tune widget: the low-resolution layer as the degraded layer)."
             )
         if task != "sr" or c.shape[-2] < d.shape[-2] or c.shape[-1] < d.shape[-1]:
             raise TrainingError(

@@ -28,7 +28,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto.")
+            raise InputError(f"device {device!r} asked for, but CUDA is not available here; choose the device cpu or auto (--device on the command line).")
         return torch.device(name)
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)

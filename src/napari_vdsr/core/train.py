@@ -540,7 +540,8 @@ def lock_run_dir(out: Path) -> Optional[Any]:
         fh.close()
         raise TrainingError(
             f"another training process (pid {holder}) is writing {out}; a second run there would overwrite its "
-            "checkpoint. Wait for it to end (or stop it: Ctrl-C saves its checkpoint), or give another --out folder."
+            "checkpoint. Wait for it to end (or stop it: Ctrl-C or the widget's Stop saves its checkpoint), "
+            "or write to another folder (--out; in the Fine-tune widget another model name)."
         ) from None
     fh.seek(0)
     fh.truncate()
@@ -711,7 +712,7 @@ class Trainer:
             if val_planes and not self.val_items:
                 self.data_notes.append(
                     "no validation: the held-out planes are too small for a validation pair; raise the validation "
-                    "fraction or give separate validation images (--val-data)")
+                    "fraction or give separate validation images (--val-data on the command line)")
         self.val_fingerprint = validation_fingerprint(self.val_items)
         if cfg.workers:
             # started before the model touches the GPU: the forked workers only run NumPy
