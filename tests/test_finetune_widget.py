@@ -192,6 +192,17 @@ def test_a_pair_lined_up_only_in_the_viewer_is_reported(make_napari_viewer, deno
     assert any("up to 3 pixels apart" in n and "register the data" in n for n in notes), notes
 
 
+def test_planes_left_out_are_said_in_a_notification(make_napari_viewer, qtbot, sr_model, tmp_path, notes):
+    viewer = make_napari_viewer()
+    big = viewer.add_image(synthetic_cells((3, 48, 48), seed=5), name="big")
+    small = viewer.add_image(synthetic_cells((1, 17, 17), seed=6), name="small")  # one patch, but not its margins
+    w = make_widget(viewer, sr_model, tmp_path, steps=3, val_every=3)
+    w._images.value = [big, small]
+    run_and_wait(w, qtbot)
+    assert any("smaller than one patch left out" in n for n in notes), notes
+    assert w.registered_name is not None
+
+
 def test_second_run_gets_its_own_folder(make_napari_viewer, qtbot, sr_model, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(synthetic_cells((2, 40, 40), seed=4), name="cells")

@@ -819,6 +819,9 @@ class FinetuneWidget(Container):
             self._progress.value = int(ev.step)
             if not (self._job is not None and self._job.stop.is_set()):  # Stop pressed while preparing: say so still
                 self._status.value = ev.message
+            notes = getattr(getattr(self._job, "trainer", None), "data_notes", None)
+            if notes:  # the status line is overwritten by the first step: what was left out must stay visible
+                self._notify("warning", "Fine-tune: " + "; ".join(str(n) for n in notes))
             if ev.val_base_model_psnr is not None:
                 self._readout.value = f"base model {self._job.base_label}: held-out PSNR {ev.val_base_model_psnr:.2f} dB"
             self._redraw(force=True)

@@ -177,7 +177,8 @@ class PatchSampler:
             sizes = sorted({p.data.shape for p in planes})[:5]
             raise TrainingError(
                 f"every training image is smaller than one patch ({self.patch} px plus margins for the degradation "
-                f"= {need} px per side); sizes seen: {sizes}. Use a smaller patch size or larger images."
+                f"= {need} px per side); sizes seen: {sizes} (after the held-out part for validation, when a "
+                "single image is split). Use a smaller patch size, a smaller validation fraction, or larger images."
             )
         areas = np.array([p.data.size for p in self.planes], dtype=np.float64)
         self.weights = areas / areas.sum()
