@@ -311,17 +311,13 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
             with bar_factory(inp.name) as bar:
                 stream = _progress_blocks(blocks, bar)
                 if suffix == ".ome.zarr":
-                    iy, ix = n_axes.index("Y"), n_axes.index("X")
                     n_shape = tuple(oshape[(axes.replace("S", "C")).index(c)] for c in n_axes)
-                    chunks = [1] * len(n_shape)
-                    chunks[iy], chunks[ix] = block_shape((n_shape[iy], n_shape[ix]), a.tile)
-                    if rgb:  # the colours of a pixel together, as in the input
-                        chunks[n_axes.index("C")] = n_shape[n_axes.index("C")]
+                    chunks = _block_chunks(n_shape, n_axes, a.tile, "C" if rgb else None)
                     ps = scaled_pixel_size(src.meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
                     if src.meta.get("time_increment"):
                         ps["T"] = tuple(src.meta["time_increment"])
                     attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0])
-                    attrs["napari_vdsr"] = _zarr_attrs(inp, src.meta, axes, a, scale, net_card[1])["napari_vdsr"]
+                    attrs["napari_vdsr"] = _provenance(inp, a, scale, net_card[1])
                     z = create_ngff(tmp, n_axes, n_shape, chunks, dtype, attrs)
                     for b in stream:
                         index, data = to_ngff_block(b.index, b.data, axes, n_axes)
@@ -329,12 +325,8 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                 elif suffix == ".zarr":
                     import zarr
 
-                    iy, ix = axes.index("Y"), axes.index("X")
-                    chunks = [1] * len(oshape)
-                    chunks[iy], chunks[ix] = block_shape((oshape[iy], oshape[ix]), a.tile)
-                    if rgb:
-                        chunks[axes.index("S")] = oshape[axes.index("S")]
-                    z = zarr.open_array(str(tmp), mode="w-", shape=oshape, chunks=tuple(chunks), dtype=dtype)
+                    chunks = _block_chunks(oshape, axes, a.tile, "S" if rgb else None)
+                    z = zarr.open_array(str(tmp), mode="w-", shape=oshape, chunks=chunks, dtype=dtype)
                     z.attrs.update(_zarr_attrs(inp, src.meta, axes, a, scale, net_card[1]))
                     for b in stream:
                         z[b.index] = b.data
@@ -366,18 +358,35 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
 
 def _zarr_attrs(inp: Path, meta: dict, axes: str, a: argparse.Namespace, scale: tuple[float, float],
                 card: dict) -> dict:
-    from . import __version__
     from .core.ome import scaled_pixel_size
 
     attrs: dict[str, Any] = {"axes": axes}
     ps = scaled_pixel_size(meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
     if ps:
         attrs["pixel_size"] = {c: [v, u] for c, (v, u) in ps.items()}
-    attrs["napari_vdsr"] = {
-        "source": inp.name, "task": a.task, "scale": list(scale), "model": Path(str(card.get("path", "model"))).stem,
-        "version": __version__,
-    }
+    attrs["napari_vdsr"] = _provenance(inp, a, scale, card)
     return attrs
+
+
+def _provenance(inp: Path, a: argparse.Namespace, scale: tuple[float, float], card: dict) -> dict[str, Any]:
+    """The ``napari_vdsr`` attribute of zarr and OME-Zarr outputs: source, task, scale, model, version."""
+    from . import __version__
+
+    return {"source": inp.name, "task": a.task, "scale": list(scale),
+            "model": Path(str(card.get("path", "model"))).stem, "version": __version__}
+
+
+def _block_chunks(shape: tuple[int, ...], axes: str, tile: int, colour: Optional[str]) -> tuple[int, ...]:
+    """Chunks of a zarr output: one block of Y X per plane (the blocks restoring yields), the colours of a
+    pixel together (axis ``colour``)."""
+    from .core.restore import block_shape
+
+    chunks = [1] * len(shape)
+    iy, ix = axes.index("Y"), axes.index("X")
+    chunks[iy], chunks[ix] = block_shape((shape[iy], shape[ix]), tile)
+    if colour is not None:
+        chunks[axes.index(colour)] = shape[axes.index(colour)]
+    return tuple(chunks)
 
 
 # --------------------------------------------------------------------------- commands

@@ -37,11 +37,18 @@ from magicgui.widgets import (
 )
 
 from ..core.cancel import stop_check
+from ..core.constants import DEFAULT_TILE, MIN_TILE
 from ..core.errors import VDSRError
 from ..core.memory import check_fits
 from ..core.restore import infer_axes, output_shape, plane_count, restore_iter
-from ..core.constants import DEFAULT_TILE, MIN_TILE
-from ..core.weights import TASK_LABELS, card_summary, default_model_name, list_models, read_card, resolve_model_path
+from ..core.weights import (
+    TASK_LABELS,
+    card_summary,
+    default_model_name,
+    list_models,
+    read_card,
+    resolve_model_path,
+)
 from ._geometry import LayerSnapshot, output_layer_kwargs
 
 if TYPE_CHECKING:
@@ -546,9 +553,8 @@ class RestoreWidget(Container):
             model, model_label = self._model_spec()
             src = LayerSnapshot.of(layer)
             data = layer.data[0] if layer.multiscale else layer.data
-            _, max_lead, _ = _layout(tuple(int(n) for n in data.shape), src.ndim, src.rgb, data.dtype)
+            _, max_lead, axes = _layout(tuple(int(n) for n in data.shape), src.ndim, src.rgb, data.dtype)
             data = _flat_planes(data, src.ndim, max_lead)
-            axes = _layer_axes(tuple(int(n) for n in data.shape), src.rgb, data.dtype)
         except VDSRError as exc:
             self._notify("error", f"{self.verb}: {exc}")
             return None

@@ -22,11 +22,11 @@ class TrainingError(VDSRError):
 
 
 class Diverged(TrainingError):
-    """The training loss became NaN or infinite; ``step`` and ``lr`` say where, ``out`` is the run folder."""
+    """The training loss became NaN or infinite; ``step`` and ``lr`` say where."""
 
-    def __init__(self, message: str, step: int, lr: float, out: object = None) -> None:
+    def __init__(self, message: str, step: int, lr: float) -> None:
         super().__init__(message)
-        self.step, self.lr, self.out = step, lr, out
+        self.step, self.lr = step, lr
 
 
 class Cancelled(VDSRError):

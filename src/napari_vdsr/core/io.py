@@ -560,12 +560,10 @@ def _open_tiff(p: Path) -> ImageSource:
         raise
 
 
-#: NGFF's time units (UDUNITS names) as the OME-XML symbols that TIFF outputs write
-_TIME_SYMBOLS = {"second": "s", "millisecond": "ms", "microsecond": "µs", "minute": "min", "hour": "h"}
-
-
 def _open_zarr(p: Path) -> ImageSource:
     import zarr
+
+    from .ome import TIME_SYMBOLS
 
     if not is_zarr(p):
         raise InputError(f"{p}: not a zarr store (no zarr.json, .zarray or .zgroup inside).")
@@ -588,7 +586,7 @@ def _open_zarr(p: Path) -> ImageSource:
                 if t.get("type") == "scale" and axes and len(t.get("scale", [])) == len(axes):
                     meta["pixel_size"] = {c: (float(v), units.get(c)) for c, v in zip(axes, t["scale"]) if c in "ZYX"}
                     if "T" in axes and units.get("T"):  # a time step with a unit (a bare 1 is no information)
-                        unit = _TIME_SYMBOLS.get(str(units["T"]), str(units["T"]))  # as OME-XML writes it
+                        unit = TIME_SYMBOLS.get(str(units["T"]), str(units["T"]))  # as OME-XML writes it
                         meta["time_increment"] = (float(t["scale"][axes.index("T")]), unit)
         else:
             names = sorted(k for k, _ in node.arrays())

@@ -253,8 +253,10 @@ _NGFF_SPACE_UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "microme
                      "cm": "centimeter", "centimeter": "centimeter", "m": "meter", "meter": "meter",
                      "pm": "picometer", "picometer": "picometer", "å": "angstrom", "angstrom": "angstrom",
                      "inch": "inch", "in": "inch"}
-_NGFF_TIME_UNITS = {"s": "second", "sec": "second", "second": "second", "ms": "millisecond",
-                    "millisecond": "millisecond", "min": "minute", "minute": "minute", "h": "hour", "hour": "hour"}
+#: NGFF's time units and the OME-XML symbols of the same units
+TIME_SYMBOLS = {"second": "s", "millisecond": "ms", "microsecond": "µs", "minute": "min", "hour": "h"}
+_NGFF_TIME_UNITS = {**{sym: name for name, sym in TIME_SYMBOLS.items()}, **{name: name for name in TIME_SYMBOLS},
+                    "sec": "second", "us": "microsecond"}
 
 
 def ngff_axes(axes: str) -> str:

@@ -984,7 +984,7 @@ class Trainer:
                     f"the loss became {v} at step {step} (learning rate {lr:g}); training stopped. The best "
                     "weights validated so far (best.safetensors) and the last checkpoint, if one was written, "
                     "are kept. Lower --lr (or clip the gradients: --optimizer sgd --clip-theta) and resume.",
-                    step=step, lr=lr, out=self.config.out,
+                    step=step, lr=lr,
                 )
         return float(values[-1])
 
