@@ -437,6 +437,9 @@ def test_ome_zarr_output_is_ngff_in_tczyx_order_with_scaled_pixel_sizes(tmp_path
                                                             ("x", "space")]
     assert [a.get("unit") for a in ms["axes"]] == [None, "micrometer", "micrometer", "micrometer"]
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.5, 0.25, 0.25]
+    # pixel centres: output pixel 0 lies a quarter of an input pixel (0.5 um) before input pixel 0's centre
+    assert ms["datasets"][0]["coordinateTransformations"][1] == {"type": "translation",
+                                                                 "translation": [0.0, 0.0, -0.125, -0.125]}
     np.testing.assert_array_equal(data, np.transpose(ref, (1, 0, 2, 3)))  # channels before Z, the same pixels
     with open_image(out / "h_x2.ome.zarr") as src:  # and it reads back as it was written
         assert src.axes == "CZYX" and src.meta["pixel_size"]["X"] == (0.25, "micrometer")
@@ -451,6 +454,34 @@ def test_ome_zarr_output_is_ngff_in_tczyx_order_with_scaled_pixel_sizes(tmp_path
     ms, data = _ngff(tmp_path / "again" / "h_x2_denoised.ome.zarr")
     assert data.shape == (2, 3, 32, 40) and ms["datasets"][0]["coordinateTransformations"][0]["scale"][2:] == [0.25,
                                                                                                                0.25]
+    assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == [0.0, 0.0, -0.125, -0.125]  # kept
+
+
+def test_ome_zarr_input_translation_is_carried_to_the_result(tmp_path, model_file):
+    from napari_vdsr.core.ome import create_ngff, ngff_attributes
+
+    img = RNG.integers(0, 4000, (2, 14, 16)).astype(np.uint16)
+    attrs = ngff_attributes("ZYX", {"Z": (2.0, "µm"), "Y": (0.5, "µm"), "X": (0.4, "µm")}, "stage",
+                            origin={"Z": 10.0, "Y": 100.0, "X": -20.0})
+    # a multiscale-level scale (NGFF allows one after the datasets' own) doubles sizes and origin
+    attrs["multiscales"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [1.0, 2.0, 2.0]}]
+    z = create_ngff(tmp_path / "stage.ome.zarr", "ZYX", img.shape, img.shape, img.dtype, attrs)
+    z[...] = img
+    with open_image(tmp_path / "stage.ome.zarr") as src:
+        assert src.meta["origin"] == {"Z": 10.0, "Y": 200.0, "X": -40.0}
+        assert src.meta["pixel_size"]["X"] == (0.8, "micrometer")
+    assert predict(tmp_path / "stage.ome.zarr", "-o", tmp_path / "o", "--model", model_file, "--scale", "4") == 0
+    ms, data = _ngff(tmp_path / "o" / "stage_x4.ome.zarr")
+    scale, translation = ms["datasets"][0]["coordinateTransformations"]
+    assert scale["scale"] == [2.0, 0.25, 0.2] and data.shape == (2, 56, 64)
+    # first output centre at input pixel (0.5 / 4 - 0.5) = -0.375: 200 - 0.375 * 1.0 and -40 - 0.375 * 0.8
+    np.testing.assert_allclose(translation["translation"], [10.0, 199.625, -40.3])
+    with open_image(tmp_path / "o" / "stage_x4.ome.zarr") as src:  # read back: the same grid
+        np.testing.assert_allclose([src.meta["origin"][c] for c in "ZYX"], [10.0, 199.625, -40.3])
+    assert predict(tmp_path / "stage.ome.zarr", "-o", tmp_path / "d", "--model", model_file, "--task",
+                   "denoise") == 0
+    ms, _ = _ngff(tmp_path / "d" / "stage_denoised.ome.zarr")  # same size: the origin unchanged
+    assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == [10.0, 200.0, -40.0]
 
 
 def test_ome_zarr_keeps_the_time_step(tmp_path, model_file):

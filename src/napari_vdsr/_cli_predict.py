@@ -269,6 +269,7 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
         create_ngff,
         ngff_attributes,
         ngff_axes,
+        scaled_origin,
         scaled_pixel_size,
         tiff_write_options,
         to_ngff_block,
@@ -316,7 +317,9 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                     ps = scaled_pixel_size(src.meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
                     if src.meta.get("time_increment"):
                         ps["T"] = tuple(src.meta["time_increment"])
-                    attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0])
+                    origin = scaled_origin(src.meta.get("origin"), src.meta.get("pixel_size"),
+                                           scale if a.task == "sr" else (1.0, 1.0))
+                    attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0], origin=origin)
                     attrs["napari_vdsr"] = _provenance(inp, a, scale, net_card[1])
                     z = create_ngff(tmp, n_axes, n_shape, chunks, dtype, attrs)
                     for b in stream:

@@ -445,7 +445,9 @@ class ImageSource:
         Axes found in the file (letters ``TZCYXS``), None when the file does not say.
     meta : dict
         Physical metadata: ``"pixel_size"`` (``{"X": (value, unit), "Y": ..., "Z": ...}``),
-        ``"time_increment"`` ((value, unit)), ``"channel_names"`` (list), and for TIFF
+        ``"time_increment"`` ((value, unit)), ``"channel_names"`` (list), for OME-Zarr ``"origin"``
+        (``{"Y": value, ...}``: the physical position of the first pixel's centre, in the pixel sizes' units,
+        when the image has a translation), and for TIFF
         ``"resolution"``, ``"resolutionunit"``, ``"imagej"``, ``"ome"`` (True for OME-TIFF); for PNG / JPEG
         ``"icc_profile"`` and ``"dpi"`` when the file has them.
     format : str
@@ -560,6 +562,28 @@ def _open_tiff(p: Path) -> ImageSource:
         raise
 
 
+def _ngff_transform(dataset: dict, multiscale: dict, ndim: int) -> tuple[Optional[list], Optional[list]]:
+    """(scale, translation) of an NGFF dataset's pixel grid, the multiscale's own transformations
+    applied after the dataset's; None for what the metadata leaves out or gives in a wrong length."""
+    scale: Optional[list] = None
+    origin: Optional[list] = None
+    for transforms in (dataset.get("coordinateTransformations", []), multiscale.get("coordinateTransformations", [])):
+        for t in transforms if isinstance(transforms, list) else []:
+            kind, values = (t.get("type"), t.get(t.get("type"), [])) if isinstance(t, dict) else (None, [])
+            if kind not in ("scale", "translation") or not isinstance(values, list) or len(values) != ndim:
+                continue
+            try:
+                values = [float(v) for v in values]
+            except (TypeError, ValueError):
+                continue
+            if kind == "scale":
+                origin = [o * v for o, v in zip(origin, values)] if origin is not None else None
+                scale = [s * v for s, v in zip(scale, values)] if scale is not None else values
+            else:
+                origin = [o + v for o, v in zip(origin, values)] if origin is not None else values
+    return scale, origin
+
+
 def _open_zarr(p: Path) -> ImageSource:
     import zarr
 
@@ -582,12 +606,14 @@ def _open_zarr(p: Path) -> ImageSource:
             if len(letters) == arr.ndim and set(letters) <= set("TZCYX") and len(set(letters)) == len(letters):
                 axes = letters
             units = {n[:1].upper(): a.get("unit") for n, a in zip(names, ms[0].get("axes", [])) if isinstance(a, dict)}
-            for t in ds.get("coordinateTransformations", []):
-                if t.get("type") == "scale" and axes and len(t.get("scale", [])) == len(axes):
-                    meta["pixel_size"] = {c: (float(v), units.get(c)) for c, v in zip(axes, t["scale"]) if c in "ZYX"}
-                    if "T" in axes and units.get("T"):  # a time step with a unit (a bare 1 is no information)
-                        unit = TIME_SYMBOLS.get(str(units["T"]), str(units["T"]))  # as OME-XML writes it
-                        meta["time_increment"] = (float(t["scale"][axes.index("T")]), unit)
+            scale, origin = _ngff_transform(ds, ms[0], arr.ndim) if axes else (None, None)
+            if scale is not None:
+                meta["pixel_size"] = {c: (v, units.get(c)) for c, v in zip(axes, scale) if c in "ZYX"}
+                if "T" in axes and units.get("T"):  # a time step with a unit (a bare 1 is no information)
+                    unit = TIME_SYMBOLS.get(str(units["T"]), str(units["T"]))  # as OME-XML writes it
+                    meta["time_increment"] = (scale[axes.index("T")], unit)
+            if origin is not None and any(origin):
+                meta["origin"] = {c: v for c, v in zip(axes, origin) if c in "TZYX"}
         else:
             names = sorted(k for k, _ in node.arrays())
             if not names:

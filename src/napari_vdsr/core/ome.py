@@ -145,6 +145,23 @@ def scaled_pixel_size(pixel_size: Optional[dict], scale: Sequence[float]) -> dic
     return out
 
 
+def scaled_origin(origin: Optional[dict], pixel_size: Optional[dict], scale: Sequence[float]) -> dict:
+    """Physical position of a result's first pixel centre (``{"Y": value, ...}``) after super-resolution.
+
+    ``origin`` and ``pixel_size`` are the input's (``meta["origin"]``, ``meta["pixel_size"]``; a missing size
+    counts as 1, a missing origin as 0).  A result ``s`` times larger along an axis has its pixel ``j``
+    centred at input pixel ``(j + 0.5) / s - 0.5``, so its first centre moves by ``size * (1 / s - 1) / 2``
+    and the result overlays its input; other axes keep their origin.  Axes whose origin is 0 are left out.
+    """
+    sy, sx = float(scale[0]), float(scale[1])
+    out = {c: float(v) for c, v in (origin or {}).items()}
+    for c, s in (("Y", sy), ("X", sx)):
+        if s != 1.0:
+            size = (pixel_size or {}).get(c, (1.0, None))[0] or 1.0
+            out[c] = out.get(c, 0.0) + float(size) * (1.0 / s - 1.0) / 2.0
+    return {c: v for c, v in out.items() if v != 0.0}
+
+
 def tiff_write_options(
     meta: dict, axes: str, scale: Sequence[float], dtype: Any, ome: bool
 ) -> dict[str, Any]:
@@ -282,11 +299,14 @@ def _ngff_unit(c: str, u: Any) -> Optional[str]:
     return table.get(str(s).lower()) or table.get(str(s))
 
 
-def ngff_attributes(axes: str, pixel_size: Optional[dict], name: str, path: str = "0") -> dict[str, Any]:
+def ngff_attributes(axes: str, pixel_size: Optional[dict], name: str, path: str = "0",
+                    origin: Optional[dict] = None) -> dict[str, Any]:
     """Group attributes of a one-level OME-Zarr (NGFF 0.4) image whose array ``path`` has ``axes`` (NGFF order).
 
     ``pixel_size`` maps axis letters to ``(size, unit)``; axes without a size get scale 1
-    and no unit, and units NGFF does not name are left out.
+    and no unit, and units NGFF does not name are left out.  ``origin`` maps axis letters to the
+    first pixel's physical position (see :func:`scaled_origin`); when any is not 0 the dataset gets a
+    ``translation`` after its ``scale``.
     """
     described, scale = [], []
     for c in axes:
@@ -297,11 +317,15 @@ def ngff_attributes(axes: str, pixel_size: Optional[dict], name: str, path: str 
             d["unit"] = unit
         described.append(d)
         scale.append(float(v) if v and float(v) > 0 else 1.0)
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    translation = [float((origin or {}).get(c, 0.0)) for c in axes]
+    if any(translation):
+        transforms.append({"type": "translation", "translation": translation})
     return {"multiscales": [{
         "version": "0.4",
         "name": name,
         "axes": described,
-        "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        "datasets": [{"path": path, "coordinateTransformations": transforms}],
     }]}
 
 
