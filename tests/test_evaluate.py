@@ -290,3 +290,45 @@ def test_cli_goes_on_past_an_image_it_cannot_score_and_says_so(sr_dataset, tmp_p
     with pytest.raises(InputError, match="zstack"):  # the API raises unless asked to skip
         evaluate_dataset(hr, scale=2, model="bicubic")
     assert [s["name"] for s in evaluate_dataset(hr, scale=2, model="bicubic", skip_bad=True)["skipped"]] == ["zstack.tif"]
+
+
+def test_images_too_small_for_ssim_are_skipped_with_a_reason(sr_dataset, tmp_path, capsys):
+    hr = sr_dataset / "x2" / "HR"
+    Image.fromarray(_texture(14, 14, 5)).save(hr / "d.png")  # 14 - 2 * 2 = 10 px left: SSIM's window is 11
+    res = evaluate_dataset(hr, scale=2, model="bicubic", skip_bad=True)
+    assert [s["name"] for s in res["skipped"]] == ["d.png"] and "too small" in res["skipped"][0]["error"]
+    assert len(res["per_image"]) == 3
+    d = tmp_path / "tiny"
+    d.mkdir()
+    Image.fromarray(np.full((10, 10), 100, np.uint8)).save(d / "t.png")
+    with pytest.raises(InputError, match="too small"):
+        evaluate_dataset(d, task="denoise", sigma=25, model="identity")
+    rc = main(["evaluate", "--dataset", str(hr), "--scale", "2", "--method", "bicubic", "--quiet"])
+    assert rc == 1 and "d.png" in capsys.readouterr().err
+
+
+def test_a_fractional_jpeg_quality_is_refused_not_truncated(tmp_path):
+    d = _grey_folder(tmp_path, n=1)
+    with pytest.raises(InputError, match="whole JPEG quality"):
+        evaluate_dataset(d, task="deblock", quality=10.7, model="identity")
+    assert evaluate_dataset(d, task="deblock", quality=10.0, model="identity")["quality"] == 10
+
+
+def test_evaluate_takes_what_load_model_returns(sr_dataset, tmp_path):
+    path = weights.save_model(VDSR(depth=3, width=8), tmp_path / "sr.safetensors", {"tasks": ["sr"], "name": "mine"})
+    loaded = weights.load_model(path, device="auto")  # "auto", as restore() and evaluate take it
+    by_path = evaluate_dataset(sr_dataset, scale=2, model=str(path), device="cpu")
+    by_tuple = evaluate_dataset(sr_dataset, scale=2, model=loaded, device="cpu")
+    assert by_tuple["psnr"] == pytest.approx(by_path["psnr"], abs=1e-9) and by_tuple["model"] == "mine"
+    dn = weights.load_model(weights.save_model(VDSR(depth=3, width=8), tmp_path / "dn", {"tasks": ["denoise"]}))
+    with pytest.raises(ModelError, match="super-resolution"):
+        evaluate_dataset(sr_dataset, scale=2, model=dn, device="cpu")
+
+
+def test_evaluate_json_is_strict_when_a_psnr_is_infinite(tmp_path):
+    d = _grey_folder(tmp_path, n=2)
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", "--dataset", str(d), "--task", "denoise", "--sigma", "0", "--method", "bicubic",
+                 "--json", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert res["per_image"][0]["psnr"] is None  # identical images: infinite PSNR, written as null

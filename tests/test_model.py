@@ -103,3 +103,15 @@ def test_card_of_an_interrupted_export_comes_from_the_weights(tmp_path) -> None:
     card["training"]["steps"] = 100  # the sidecar of an earlier export: the weights' own card wins
     side.write_text(json.dumps(card))
     assert weights.read_card(p)["training"]["steps"] == 200
+
+
+def test_a_dotted_model_name_is_kept_and_found_again(tmp_path) -> None:
+    from napari_vdsr.core import weights
+
+    a = weights.save_model(VDSR(depth=3, width=4), tmp_path / "sr-x1.5", {"tasks": ["sr"], "name": "a"})
+    b = weights.save_model(VDSR(depth=3, width=4), tmp_path / "sr-x1.25", {"tasks": ["sr"], "name": "b"})
+    assert (a.name, b.name) == ("sr-x1.5.safetensors", "sr-x1.25.safetensors")  # neither overwrites the other
+    assert a.with_suffix(".json").is_file() and b.with_suffix(".json").is_file()
+    net, card = weights.load_model(tmp_path / "sr-x1.5", device="cpu")
+    assert card["name"] == "a" and isinstance(net, VDSR)
+    assert weights.save_model(VDSR(depth=3, width=4), tmp_path / "c.json", {"tasks": ["sr"]}).name == "c.safetensors"

@@ -163,6 +163,19 @@ def test_identity_model_float_round_trip_not_clipped():
     assert off.max() > img.max() + 1.0
 
 
+def test_a_large_offset_costs_no_precision():
+    """Values far above their range (a uint32 counter, float64 stage data) round-trip as exactly as small ones."""
+    counts = (np.uint32(3_000_000_000) + rand((16, 16), "uint16") % 1000).astype(np.uint32)
+    np.testing.assert_array_equal(restore(counts, task="denoise", model=ID, device="cpu"), counts)
+    small = RNG.random((16, 16)) * 10.0
+    out = restore(small + 1e8, task="denoise", model=ID, device="cpu")
+    np.testing.assert_allclose(out - 1e8, small, atol=1e-5)
+    # with a real net the result does not depend on the offset
+    a = restore(small, task="denoise", model=NET, device="cpu")
+    b = restore(small + 1e7, task="denoise", model=NET, device="cpu") - 1e7
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_integers_clipped_not_wrapped():
     img = np.full((16, 16), 250, np.uint8)
     out = restore(img, task="denoise", model=offset_net(0.5), device="cpu")
@@ -685,3 +698,30 @@ def test_a_control_group_s_memory_limit_counts(tmp_path, monkeypatch):
     assert memory.available_bytes() == 2 * gib
     with pytest.raises(InputError, match="only 2 GiB is free"):
         memory.check_fits(3 * gib, "the result", "restore less.")
+
+
+def test_a_double_or_half_precision_model_restores_like_its_float32_self():
+    import copy
+
+    img = rand((20, 22), "uint8")
+    ref = restore(img, task="denoise", model=NET, device="cpu")
+    double = copy.deepcopy(NET).double()  # holds the float32 weights exactly: the same result
+    np.testing.assert_array_equal(restore(img, task="denoise", model=double, device="cpu"), ref)
+    half = copy.deepcopy(NET).bfloat16()  # rounded weights: nearly the same result
+    assert np.abs(restore(img, task="denoise", model=half, device="cpu").astype(int) - ref).max() <= 3
+    assert next(double.parameters()).dtype == torch.float64  # the caller's modules are untouched
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_sixteen_bit_three_value_pixels_warn_that_they_are_read_as_colour():
+    img = rand((20, 22, 3), "uint16")
+    with pytest.warns(RuntimeWarning, match="axes='YXC'"):
+        out = restore(img, task="denoise", model=NET, device="cpu")
+    assert out.shape == img.shape
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said explicitly: no warning
+        restore(img, task="denoise", model=NET, device="cpu", axes="YXS")
+        restore(img, task="denoise", model=NET, device="cpu", rgb=True)
+        restore(rand((20, 22, 3), "uint8"), task="denoise", model=NET, device="cpu")

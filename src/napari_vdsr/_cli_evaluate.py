@@ -135,7 +135,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json_path:
         out = Path(a.json_path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        from .core.weights import json_safe
+
+        # strict JSON: an infinite PSNR (output identical to the reference) is written as null
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     n_ok = len(result["per_image"])
     n = f"{n_ok} of {n_ok + len(skipped)} images" if skipped else f"{n_ok} images"
     print(f"{_fmt_settings(result)}: PSNR {result['psnr']:.3f} dB, SSIM {result['ssim']:.4f} "

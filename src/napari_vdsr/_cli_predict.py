@@ -540,12 +540,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_models(a: argparse.Namespace) -> int:
     """Run ``napari-vdsr models``."""
-    from .core.weights import card_summary, list_models
+    from .core.weights import card_summary, json_safe, list_models
 
     entries = list_models(a.task)
     if a.json:
-        print(json.dumps([{"name": e.name, "path": str(e.path), "bundled": e.bundled, "card": e.card} for e in entries],
-                         indent=2, default=str))
+        print(json.dumps(json_safe([{"name": e.name, "path": str(e.path), "bundled": e.bundled, "card": e.card}
+                                    for e in entries]), indent=2, default=str, allow_nan=False))
         return 0
     if not entries:
         print("no models found" + (f" for task {a.task}" if a.task else "") +

@@ -85,6 +85,10 @@ def psnr(pred: np.ndarray, target: np.ndarray, shave: int = 0, peak: float = 255
     return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
 
 
+#: side of SSIM's Gaussian window (σ 1.5, truncated at 3.5 σ): the smallest image SSIM can score
+SSIM_WINDOW = 11
+
+
 def ssim(pred: np.ndarray, target: np.ndarray, shave: int = 0, peak: float = 255.0) -> float:
     """SSIM (Wang et al. 2004: Gaussian window σ = 1.5, population covariance).
 
@@ -266,8 +270,11 @@ def prepare_sample(
         if sy.is_integer() and sx.is_integer():
             h, w = hr.shape[:2]
             hr = hr[: h - h % int(sy), : w - w % int(sx)]
-        if hr.shape[0] < 2 * math.ceil(sy) + 2 or hr.shape[1] < 2 * math.ceil(sx) + 2:
-            raise InputError(f"{hr_path}: image of shape {hr.shape[:2]} is too small to evaluate at scale {scale}.")
+        shave = int(math.ceil(max(sy, sx)))
+        if min(hr.shape[:2]) < 2 * shave + SSIM_WINDOW:
+            raise InputError(f"{hr_path}: image of shape {hr.shape[:2]} is too small to evaluate at scale {scale}: "
+                             f"SSIM needs {SSIM_WINDOW} px left on each side after shaving {shave} px from each "
+                             f"border ({2 * shave + SSIM_WINDOW} px).")
         lr_shape = scaled_shape(hr.shape[:2], (sy, sx), down=True)
         if lr_path is not None:
             lr = _read_2d(Path(lr_path))
@@ -286,8 +293,11 @@ def prepare_sample(
         ilr = _resize_channels(lr, hr.shape[:2])
         inp = _to_y(ilr) - lo
         target = _to_y(hr) - lo
-        return EvalSample(name, inp, target, peak, int(math.ceil(max(sy, sx))), quantize=is_int)
+        return EvalSample(name, inp, target, peak, shave, quantize=is_int)
     # denoise / deblock: a clean grey image on an integer grid
+    if min(hr.shape[:2]) < SSIM_WINDOW:
+        raise InputError(f"{hr_path}: image of shape {hr.shape[:2]} is too small to evaluate: SSIM needs "
+                         f"{SSIM_WINDOW} px on each side.")
     if hr.ndim == 3:
         clean = np.round(_to_y(hr))  # MATLAB rgb2ycbcr on uint8 returns uint8 Y
     else:
@@ -298,8 +308,8 @@ def prepare_sample(
         noisy = add_gaussian_noise(clean.astype(np.float32), float(sigma) * peak / 255.0, seed=int(index), peak=peak)
         return EvalSample(name, noisy.astype(np.float64), clean, peak, 0, quantize=is_int)
     if task == "deblock":
-        if quality is None or not (1 <= int(quality) <= 100):
-            raise InputError(f"the deblock task needs a JPEG quality --quality in 1..100, got {quality!r}.")
+        if quality is None or not (1 <= quality <= 100) or quality != int(quality):
+            raise InputError(f"the deblock task needs a whole JPEG quality --quality in 1..100, got {quality!r}.")
         if not is_u8 and hr.ndim == 2:
             clean = np.round(clean / peak * 255.0)
             peak = 255.0
@@ -351,8 +361,11 @@ def _resolve_model(model, task: str, device):
 
     from .tiling import prepare_net
 
-    if isinstance(model, nn.Module):
-        return prepare_net(model, device), type(model).__name__, {}
+    if isinstance(model, (nn.Module, tuple)):  # a module, or load_model's (module, card): as restore() takes them
+        from .restore import _resolve_model as module_and_card
+
+        net, card = module_and_card(model, task)
+        return prepare_net(net, device), card.get("name", type(net).__name__), card
     if isinstance(model, str) and model.lower() in BASELINE_METHODS:
         return None, "bicubic" if task == "sr" else "input", {}
     from .weights import load_model
@@ -390,6 +403,8 @@ def iter_evaluate(
         raise InputError("the denoise task needs a noise level: pass --sigma (e.g. 25, on the 0..255 scale).")
     if task == "deblock" and quality is None:
         raise InputError("the deblock task needs a JPEG quality: pass --quality (e.g. 10).")
+    if task == "deblock" and not (1 <= quality <= 100 and quality == int(quality)):
+        raise InputError(f"the deblock task needs a whole JPEG quality --quality in 1..100, got {quality!r}.")
     if task == "sr":
         _sr_scale(scale)
     dev = resolve_device(device)

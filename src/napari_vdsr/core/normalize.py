@@ -45,10 +45,19 @@ class Intensity:
         return float(self.hi - self.lo) if self.hi > self.lo else 1.0
 
     def to_net(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, dtype=np.float32) - np.float32(self.lo)) / np.float32(self.span)).astype(np.float32)
+        """Values → the network's scale (float32).  Data that float32 cannot hold exactly (float64, 32- and
+        64-bit integers: e.g. a range of 1000 above 3e9) have ``lo`` taken off in float64 first."""
+        x = np.asarray(x)
+        if x.dtype.itemsize <= 2 or x.dtype == np.float32:
+            return ((x.astype(np.float32) - np.float32(self.lo)) / np.float32(self.span)).astype(np.float32)
+        return ((x.astype(np.float64) - self.lo) / self.span).astype(np.float32)
 
     def from_net(self, x: np.ndarray) -> np.ndarray:
-        return (np.asarray(x, dtype=np.float32) * np.float32(self.span) + np.float32(self.lo)).astype(np.float32)
+        """The network's scale → values: float32, or float64 when ``lo`` is larger than the range (a range of
+        1000 above 3e9: float32 would round the result to its steps of 256)."""
+        if abs(self.lo) <= self.span:
+            return (np.asarray(x, dtype=np.float32) * np.float32(self.span) + np.float32(self.lo)).astype(np.float32)
+        return np.asarray(x, dtype=np.float64) * self.span + self.lo
 
 
 #: how far (a fraction of the range) an extreme must stand out beyond every pair of neighbours to be

@@ -519,6 +519,14 @@ def _prepare(
     if any(s == 0 for s in shape):
         raise InputError(f"the image is empty (shape {shape}); pick a layer or file with pixels in it.")
     ax = normalize_axes(axes, shape, rgb)
+    if axes is None and rgb is None and ax.endswith("S") and dtype != np.uint8:
+        import warnings
+
+        # 16-bit or float data with 3 or 4 values per pixel: as often channels as a colour image
+        warnings.warn(f"an array of shape {shape} ({dtype}) is read as one RGB colour image ({ax}), so only its "
+                      "luminance is restored and its colour follows bicubic. If its last axis holds channels, pass "
+                      f"axes='{ax.replace('S', 'C')}' to restore each as a grey image; axes='{ax}' or rgb=True "
+                      "says it is colour and silences this warning.", RuntimeWarning, stacklevel=3)
     h, w = shape[ax.index("Y")], shape[ax.index("X")]
     if h < 2 or w < 2:
         raise InputError(

@@ -90,7 +90,10 @@ def json_safe(obj: Any) -> Any:
 
 
 def save_model(model: VDSR, path: str | os.PathLike, card: dict[str, Any]) -> Path:
-    """Write ``model`` as ``path`` (.safetensors) plus its JSON card; return the safetensors path.
+    """Write ``model`` as ``path`` plus its JSON card; return the safetensors path.
+
+    ``.safetensors`` is appended to a ``path`` that does not end in it (``sr-x1.5`` → ``sr-x1.5.safetensors``;
+    ``NAME.json`` → ``NAME.safetensors``), and ``load_model`` finds it again under the same ``path``.
 
     ``card`` must name the ``tasks`` the model serves; the architecture is added
     from the model itself.  Both files are written atomically.
@@ -98,8 +101,10 @@ def save_model(model: VDSR, path: str | os.PathLike, card: dict[str, Any]) -> Pa
     from safetensors.torch import save
 
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
+    elif path.suffix != ".safetensors":  # appended: "sr-x1.5" is not "sr-x1" with a suffix
+        path = path.with_name(path.name + ".safetensors")
     card = dict(card)
     tasks = card.get("tasks")
     if not tasks or any(t not in TASKS for t in tasks):
@@ -133,6 +138,9 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
         return p.with_suffix(".safetensors")
     if p.is_file():
         return p
+    named = p.with_name(p.name + ".safetensors")  # the name save_model was given
+    if p.suffix != ".safetensors" and named.is_file():
+        return named
     known = ", ".join(sorted(_all_entries())) or "none"
     raise ModelError(f"model {str(spec)!r} not found: give a bundled name ({known}), a .safetensors file or a run directory.")
 
@@ -275,7 +283,9 @@ def load_model(
     except Exception as exc:
         raise ModelError(f"{path.name}: weights do not fit the VDSR architecture {arch} ({exc}).") from None
     card["path"] = str(path)
-    return model.to(device).eval(), card
+    from .device import resolve_device  # "auto", and a clear error for a device this machine lacks
+
+    return model.to(resolve_device(device)).eval(), card
 
 
 def _bundled_entries() -> dict[str, ModelEntry]:
