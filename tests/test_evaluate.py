@@ -332,3 +332,12 @@ def test_evaluate_json_is_strict_when_a_psnr_is_infinite(tmp_path):
                  "--json", str(out), "--quiet"]) == 0
     res = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert res["per_image"][0]["psnr"] is None  # identical images: infinite PSNR, written as null
+
+
+def test_evaluate_checks_the_json_path_before_the_work(sr_dataset, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for bad, what in ((tmp_path, "is a folder"), (tmp_path / "afile" / "x.json", "is a file")):
+        rc = main(["evaluate", "--dataset", str(sr_dataset / "x2" / "HR"), "--scale", "2", "--method", "bicubic",
+                   "--json", str(bad), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and what in err and "Traceback" not in err and "PSNR" not in err

@@ -468,3 +468,25 @@ def test_a_pair_whose_brightness_differs_is_reported():
         warnings.simplefilter("error")  # a matched pair says nothing
         planes_from_pair(np.clip(clean.astype(int) + rng.integers(-30, 30, clean.shape), 0, 65535).astype(np.uint16),
                          clean, task="denoise")
+
+
+def test_paired_sr_finetune_at_x3_resumes_without_its_scale(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    from skimage.transform import resize
+
+    hr = synthetic_cells((2, 96, 96), seed=7)
+    lr = np.stack([resize(p.astype(np.float32), (32, 32), order=3) for p in hr]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "lr.tif", lr, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "hr.tif", hr, photometric="minisblack")
+    out = tmp_path / "ft"
+    common = ["--iterations", "2", "--batch-size", "2", "--patch-size", "24", "--val-every", "2", "--val-crop", "48",
+              "--device", "cpu", "--out", str(out), "--quiet"]
+    assert cli_main(["finetune", "--pairs", str(tmp_path / "lr.tif"), str(tmp_path / "hr.tif"), "--scale", "3",
+                     "--from", str(tiny_base), *common]) == 0, capsys.readouterr().err
+    resumed = [a if a != "2" else "3" for a in common] + ["--resume"]
+    assert cli_main(["finetune", *resumed]) == 0, capsys.readouterr().err  # the run's x3, not the default x2
+    assert json.loads((out / "config.json").read_text())["scales"] == [3.0]
+    # finetune's option is --scale: its errors say so
+    assert cli_main(["finetune", "--images", str(tmp_path / "hr.tif"), "--scale", "0.5", "--from", str(tiny_base),
+                     "--device", "cpu", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--scale:" in err and "--scales" not in err

@@ -1017,3 +1017,74 @@ def test_batch_workers_do_not_hold_the_folder_after_the_trainer_is_gone(image_di
         with contextlib.suppress(ProcessLookupError):  # the trainer and any worker left behind
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def test_a_stop_before_the_first_validation_keeps_its_best_on_resume(image_dir: Path, tmp_path: Path) -> None:
+    """The stop validates after writing its checkpoint: that score is still the best to beat on resume."""
+    out = tmp_path / "run"
+    cfg = _cfg(out, [str(image_dir)], iterations=12, val_every=10)
+    tr = Trainer(cfg)
+    for ev in tr.run():
+        if ev.kind == "step" and ev.step == 3:
+            tr.stop()
+    stopped = json.loads((out / "best.json").read_text())["metrics"]["validation"]
+    assert stopped["step"] == 3 and load_checkpoint(out)["best"] == -math.inf
+    again = Trainer(cfg, resume=True)
+    run = again.run()
+    assert next(run).kind == "start" and again.best == pytest.approx(stopped["psnr"])
+    run.close()
+
+
+def test_resume_refuses_a_folder_with_weights_but_no_checkpoint(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(out, [str(image_dir)], iterations=4, val_every=2)
+    list(train(cfg))
+    best = (out / "best.safetensors").read_bytes()
+    (out / CHECKPOINT_NAME).unlink()  # a crash before the first checkpoint
+    with pytest.raises(TrainingError, match="no checkpoint.pt to resume.*--from"):
+        list(Trainer(cfg, resume=True).run())
+    assert (out / "best.safetensors").read_bytes() == best
+    fresh = tmp_path / "fresh"  # an empty or missing folder: --resume starts the run
+    assert [ev.kind for ev in Trainer(_cfg(fresh, [str(image_dir)], iterations=2), resume=True).run()][-1] == "done"
+
+
+def test_resume_refuses_another_network_or_optimiser(image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    list(train(_cfg(out, [str(image_dir)], iterations=2)))
+    for change in ({"depth": 4}, {"width": 4}, {"optimizer": "sgd", "lr": 0.1}):
+        with pytest.raises(TrainingError, match="keeps its network and optimiser"):
+            list(Trainer(_cfg(out, [str(image_dir)], iterations=4, **change), resume=True).run())
+    assert load_checkpoint(out)["step"] == 2
+
+
+def test_start_step_needs_from_and_fits_the_run(image_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="--from"):
+        list(train(_cfg(tmp_path / "a", [str(image_dir)], iterations=10, start_step=5)))
+    list(train(_cfg(tmp_path / "base", [str(image_dir)], iterations=2)))
+    with pytest.raises(TrainingError, match="past the run's end"):
+        list(train(_cfg(tmp_path / "b", [str(image_dir)], iterations=10, start_step=15,
+                        init_from=str(tmp_path / "base" / "last.safetensors"))))
+    # a base of another shape: the run takes it and says so
+    tr = Trainer(_cfg(tmp_path / "c", [str(image_dir)], iterations=1, depth=5, width=16,
+                      init_from=str(tmp_path / "base" / "last.safetensors")))
+    start = next(iter(tr.run()))
+    assert "base model's shape: depth 3, width 8" in start.message and tr.model.depth == 3
+
+
+def test_cli_refuses_a_negative_seed_and_weight_decay_with_adam(image_dir: Path, tmp_path: Path, capsys) -> None:
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--iterations", "1", "--depth", "3",
+              "--width", "8", "--patch-size", "16", "--batch-size", "2"]
+    assert cli_main(common + ["--seed", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert "--seed" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert cli_main(common + ["--optimizer", "adam", "--weight-decay", "0.01", "--out", str(tmp_path / "w")]) == 2
+    assert "--optimizer sgd" in capsys.readouterr().err
+
+
+def test_cli_resume_with_the_same_optimizer_keeps_the_lr(image_dir: Path, tmp_path: Path, capsys) -> None:
+    common = ["train", "--data", str(image_dir), "--device", "cpu", "--quiet", "--depth", "3", "--width", "8",
+              "--patch-size", "16", "--batch-size", "2", "--out", str(tmp_path / "r")]
+    assert cli_main(common + ["--iterations", "2", "--optimizer", "adam", "--lr", "3e-5"]) == 0
+    capsys.readouterr()
+    assert cli_main(common + ["--iterations", "3", "--optimizer", "adam", "--resume"]) == 0
+    assert "lr" not in capsys.readouterr().err.split("changed on the command line")[-1].split("iterations")[0]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 3e-5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .core.evaluate import evaluate_dataset
 
     model = a.method if a.method is not None else a.model
+    if a.json_path:  # before the work: a path that cannot be written would lose the results at the end
+        from .core.errors import InputError
+
+        out = Path(a.json_path)
+        if out.is_dir():
+            raise InputError(f"--json {out} is a folder; give a file name, e.g. {out / 'results.json'}.")
+        parent = next((q for q in out.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"--json {out}: {parent} is a file, so the JSON cannot be written there.")
+        if parent is not None and not os.access(parent, os.W_OK):
+            raise InputError(f"--json {out}: {parent} is not writable; choose another path.")
     bar = None
 
     def progress(done: int, total: int, rec: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ tqdm progress bar.  Errors meant for users are printed without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -137,6 +138,12 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
         kw["clip_theta"] = SGD_CLIP_THETA if a.optimizer == "sgd" else None
     kw["clip_theta"] = kw["clip_theta"] or None  # 0 disables
     if a.optimizer != "sgd":
+        parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)  # set by main()
+        if parser is not None and argv is not None and a.weight_decay and "weight_decay" in _given_fields(parser, argv):
+            from .core.errors import InputError
+
+            raise InputError(f"--weight-decay applies to --optimizer sgd (the paper's recipe); {a.optimizer} runs "
+                             "use none. Leave it out, or pass --optimizer sgd.")
         kw["weight_decay"] = 0.0
     kw["data"] = [str(x) for x in kw["data"]]
     kw["val_data"] = [str(x) for x in kw["val_data"]]
@@ -171,8 +178,6 @@ def _given_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[s
         if len(hits) == 1:
             dest = next(iter(hits.values())).dest
             given.add(_DEST_FIELD.get(dest, dest))
-    if "optimizer" in given:  # the defaults of these follow the optimiser
-        given |= {"lr", "clip_theta", "weight_decay"}
     return given
 
 
@@ -199,6 +204,8 @@ def _resume_config(cfg, a: argparse.Namespace):
                             "with the recipe on this command line (give every option of the run again).") from None
     given = _given_fields(parser, argv)
     new = cfg.model_dump(mode="json")
+    if "optimizer" in given and saved.get("optimizer") != new["optimizer"]:  # these defaults follow the optimiser
+        given |= {"lr", "clip_theta", "weight_decay"}
     merged, changed = dict(new), []
     for k in (f for f in TrainConfig.model_fields if f not in _MACHINE_FIELDS):
         if k not in saved:  # a run saved before this option existed: the command line decides
@@ -299,6 +306,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         raise SystemExit("napari-vdsr finetune: give either --images (clean images, degraded on the fly) or --pairs "
                          "DEGRADED CLEAN, not both")
     cfg = _config_from_args(a, finetune=True)
+    if a.resume and a.scale is None and (Path(a.out) / "config.json").is_file():
+        import json
+
+        # the run's own scales (its pairs are checked against them before its config is merged in)
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            cfg.scales = [float(v) for v in json.loads((Path(a.out) / "config.json").read_text())["scales"]]
     overrides = cfg.model_dump(exclude=_FINETUNE_OWN)
     pairs = [tuple(a.pairs)] if a.pairs else None  # read by make_finetune_trainer, which records the files
     trainer = make_finetune_trainer(
@@ -342,7 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors = getattr(exc, "errors", None)
         if not callable(errors):
             raise
-        bad = "; ".join((f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: " if e.get("loc") else "")
+        names = {"scales": "scale"} if args.command == "finetune" else {}  # finetune's option is --scale
+        bad = "; ".join((f"--{names.get('.'.join(map(str, e['loc'])), '.'.join(map(str, e['loc']))).replace('_', '-')}: "
+                         if e.get("loc") else "")
                         + str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
         print(f"napari-vdsr: error: invalid option value ({bad}).", file=sys.stderr)
         return 2

@@ -401,6 +401,8 @@ def iter_evaluate(
         raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if task == "denoise" and sigma is None:
         raise InputError("the denoise task needs a noise level: pass --sigma (e.g. 25, on the 0..255 scale).")
+    if task == "denoise" and not (sigma >= 0 and math.isfinite(sigma)):
+        raise InputError(f"the denoise task needs a noise level --sigma >= 0 (0..255 scale), got {sigma!r}.")
     if task == "deblock" and quality is None:
         raise InputError("the deblock task needs a JPEG quality: pass --quality (e.g. 10).")
     if task == "deblock" and not (1 <= quality <= 100 and quality == int(quality)):

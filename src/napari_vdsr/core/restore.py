@@ -10,8 +10,9 @@ Tiles
 -----
 Every output tile is computed from the matching input region plus margins: the
 halo the network needs (``depth`` px) and the bicubic kernel's support
-(:mod:`.upsample`); a tile is therefore identical to the same pixels of the
-whole-image result, whatever the tile size, block size or dask chunking.
+(:mod:`.upsample`); a tile therefore equals the same pixels of the whole-image
+result, whatever the tile size, block size or dask chunking: integer outputs exactly,
+float outputs to float32 rounding (convolutions of other sizes add in another order).
 
 Axes
 ----

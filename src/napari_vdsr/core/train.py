@@ -122,7 +122,7 @@ class TrainConfig(BaseModel):
         description="keep an exponential moving average of the weights with this decay per step (e.g. 0.999: "
                     "about the last 1,000 steps) and validate, keep and export the average instead of the raw "
                     "weights; it smooths the step-to-step noise of the optimiser. None: off")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     amp: bool = Field(True, description="mixed precision on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16)")
     micro_batch: Optional[int] = Field(
@@ -426,6 +426,7 @@ def _worker_init(sampler, close_fds: Sequence[int] = ()) -> None:
     global _WORKER_SAMPLER
     _WORKER_SAMPLER = sampler
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM to the process group is the trainer's to handle
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -729,6 +730,20 @@ class Trainer:
         # from there: the model file it once started from is not read again, so a run whose
         # starting file has moved or gone (a copy made on another machine) still resumes
         resuming = bool(self.resume and self.out and (self.out / CHECKPOINT_NAME).exists())
+        if self.resume and self.out and not resuming:
+            exported = [n for n in ("best.safetensors", "last.safetensors") if (self.out / n).exists()]
+            if exported:  # a run that ended before its first checkpoint: starting afresh would overwrite them
+                raise TrainingError(
+                    f"{self.out} holds {' and '.join(exported)} but no {CHECKPOINT_NAME} to resume (the run ended "
+                    f"before its first checkpoint). Continue from those weights in a new folder with --from "
+                    f"{self.out / exported[0]} (init_from), or move them away to start this run afresh.")
+        if not resuming and cfg.start_step:
+            if not cfg.init_from:
+                raise TrainingError(f"start_step (--start-step {cfg.start_step}) continues the step count of the "
+                                    "weights given with --from (init_from); give them, or leave it out.")
+            if cfg.start_step > cfg.iterations:
+                raise TrainingError(f"start_step (--start-step {cfg.start_step}) is past the run's end "
+                                    f"(--iterations {cfg.iterations}); give a larger --iterations.")
         if cfg.init_from and not resuming:
             from .weights import load_model
 
@@ -742,6 +757,8 @@ class Trainer:
                     "train it for the new task on purpose."
                 )
             if (base.depth, base.width) != (cfg.depth, cfg.width):
+                self.data_notes.append(f"the network has the base model's shape: depth {base.depth}, width "
+                                       f"{base.width} (not the {cfg.depth}, {cfg.width} configured)")
                 cfg.depth, cfg.width = base.depth, base.width
             self.model = base.train()
         else:
@@ -781,6 +798,14 @@ class Trainer:
         if resuming:
             self.resumed = True
             ck = load_checkpoint(self.out / CHECKPOINT_NAME)
+            saved = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+            fixed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("depth", "width", "optimizer")
+                     if k in saved and saved[k] != getattr(cfg, k)]
+            if fixed:
+                raise TrainingError(
+                    f"a resumed run keeps its network and optimiser ({'; '.join(fixed)} asked for): its checkpoint "
+                    "holds their state. Resume without changing them, or start a new run (in a new folder) from "
+                    f"its weights with --from {self.out / 'last.safetensors'}.")
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             if ck.get("scaler"):
@@ -880,7 +905,7 @@ class Trainer:
             step, psnr = int(val.get("step", -1)), float(val.get("psnr", -math.inf))
         except (OSError, ValueError, TypeError, AttributeError):
             return
-        if step > self.step and psnr > self.best:
+        if step >= self.step and psnr > self.best:  # equal: a stop validated after its checkpoint was written
             self.best = psnr
 
     def _ema_decay(self) -> float:
