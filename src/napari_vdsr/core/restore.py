@@ -489,6 +489,18 @@ def _check_tile(value: Any, what: str = "tile size") -> int:
     return int(value)
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning raised in the caller of this function that names the first frame
+    outside this package (the user's line, through restore's generators)."""
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _prepare(
     image: Any,
     task: str,
@@ -527,7 +539,7 @@ def _prepare(
         warnings.warn(f"an array of shape {shape} ({dtype}) is read as one RGB colour image ({ax}), so only its "
                       "luminance is restored and its colour follows bicubic. If its last axis holds channels, pass "
                       f"axes='{ax.replace('S', 'C')}' to restore each as a grey image; axes='{ax}' or rgb=True "
-                      "says it is colour and silences this warning.", RuntimeWarning, stacklevel=3)
+                      "says it is colour and silences this warning.", RuntimeWarning, stacklevel=_caller_level())
     h, w = shape[ax.index("Y")], shape[ax.index("X")]
     if h < 2 or w < 2:
         raise InputError(
