@@ -120,6 +120,8 @@ def test_dataset_layouts(sr_dataset, tmp_path):
         find_dataset(sr_dataset, 3)
     with pytest.raises(InputError, match="no such folder"):
         find_dataset(tmp_path / "nope")
+    with pytest.raises(InputError, match="is a file.*give its folder"):
+        find_dataset(sr_dataset / "x2" / "HR" / "a.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         find_dataset(tmp_path / "empty")

@@ -1060,6 +1060,8 @@ def test_resume_refuses_another_network_or_optimiser(image_dir: Path, tmp_path: 
 def test_start_step_needs_from_and_fits_the_run(image_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="--from"):
         list(train(_cfg(tmp_path / "a", [str(image_dir)], iterations=10, start_step=5)))
+    with pytest.raises(TrainingError, match="--transfer.*--from"):
+        list(train(_cfg(tmp_path / "t", [str(image_dir)], iterations=10, transfer=True)))
     list(train(_cfg(tmp_path / "base", [str(image_dir)], iterations=2)))
     with pytest.raises(TrainingError, match="past the run's end"):
         list(train(_cfg(tmp_path / "b", [str(image_dir)], iterations=10, start_step=15,

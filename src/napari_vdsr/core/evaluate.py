@@ -136,6 +136,9 @@ def find_dataset(dataset_dir: str | os.PathLike, scale: float | None = None) -> 
         If the folder does not exist or holds none of these layouts.
     """
     root = Path(dataset_dir).expanduser()
+    if root.is_file():
+        raise InputError(f"dataset {root} is a file; evaluate scores a folder of images: give its folder "
+                         f"({root.parent}), or put the image in a folder of its own.")
     if not root.is_dir():
         raise InputError(f"dataset {root}: no such folder; give a folder with HR/ (and optionally LR/) or plain images.")
     scale_dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name[:1] == "x" and d.name[1:].replace(".", "", 1).isdigit())

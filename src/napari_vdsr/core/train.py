@@ -737,6 +737,9 @@ class Trainer:
                     f"{self.out} holds {' and '.join(exported)} but no {CHECKPOINT_NAME} to resume (the run ended "
                     f"before its first checkpoint). Continue from those weights in a new folder with --from "
                     f"{self.out / exported[0]} (init_from), or move them away to start this run afresh.")
+        if not resuming and cfg.transfer and not cfg.init_from:
+            raise TrainingError("transfer (--transfer) lets the weights given with --from (init_from) serve another "
+                                "task; without --from there are none: leave it out, or give --from.")
         if not resuming and cfg.start_step:
             if not cfg.init_from:
                 raise TrainingError(f"start_step (--start-step {cfg.start_step}) continues the step count of the "
