@@ -446,6 +446,8 @@ def test_ome_zarr_output_is_ngff_in_tczyx_order_with_scaled_pixel_sizes(tmp_path
 
     ms, data = _ngff(out / "p_x2.ome.zarr")  # RGB: the colours are the channel axis
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"] and data.shape == (3, 28, 32)
+    # a PNG has no pixel size: scale 1 as its input's, and no shift (nothing to overlay it with)
+    assert ms["datasets"][0]["coordinateTransformations"] == [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]
     assert predict(d / "p.png", "-o", tmp_path / "png", "--model", model_file) == 0
     np.testing.assert_array_equal(np.moveaxis(data, 0, -1), np.asarray(Image.open(tmp_path / "png" / "p_x2.png")))
 

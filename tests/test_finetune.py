@@ -485,6 +485,10 @@ def test_paired_sr_finetune_at_x3_resumes_without_its_scale(tiny_base: Path, tmp
     resumed = [a if a != "2" else "3" for a in common] + ["--resume"]
     assert cli_main(["finetune", *resumed]) == 0, capsys.readouterr().err  # the run's x3, not the default x2
     assert json.loads((out / "config.json").read_text())["scales"] == [3.0]
+    from napari_vdsr.core.finetune import make_finetune_trainer
+
+    tr = make_finetune_trainer("sr", out=str(out), resume=True, iterations=4, device="cpu")  # the library too
+    assert tr.config.scales == [3.0]
     # finetune's option is --scale: its errors say so
     assert cli_main(["finetune", "--images", str(tmp_path / "hr.tif"), "--scale", "0.5", "--from", str(tiny_base),
                      "--device", "cpu", "--out", str(tmp_path / "bad"), "--quiet"]) == 2

@@ -1033,6 +1033,13 @@ def test_a_stop_before_the_first_validation_keeps_its_best_on_resume(image_dir: 
     run = again.run()
     assert next(run).kind == "start" and again.best == pytest.approx(stopped["psnr"])
     run.close()
+    # resumed on other validation images, that score (of the old images) is no longer the one to beat
+    other = Trainer(_cfg(out, [str(image_dir)], iterations=12, val_every=10, val_crop=32), resume=True)
+    run = other.run()
+    start = next(run)
+    assert other.best == -math.inf and "validation changed" in start.message and "(-inf)" not in start.message
+    assert (out / "best-before-3.safetensors").exists() and not (out / "best.safetensors").exists()
+    run.close()
 
 
 def test_resume_refuses_a_folder_with_weights_but_no_checkpoint(image_dir: Path, tmp_path: Path) -> None:
@@ -1080,6 +1087,14 @@ def test_cli_refuses_a_negative_seed_and_weight_decay_with_adam(image_dir: Path,
     assert "--seed" in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert cli_main(common + ["--optimizer", "adam", "--weight-decay", "0.01", "--out", str(tmp_path / "w")]) == 2
     assert "--optimizer sgd" in capsys.readouterr().err
+    # on resume the run's optimiser decides: an SGD run takes it without --optimizer again, an Adam run refuses it
+    assert cli_main(common + ["--optimizer", "sgd", "--lr", "0.01", "--out", str(tmp_path / "sgd")]) == 0
+    assert cli_main(common + ["--weight-decay", "0.001", "--iterations", "2", "--out", str(tmp_path / "sgd"),
+                              "--resume"]) == 0
+    assert json.loads((tmp_path / "sgd" / "config.json").read_text())["weight_decay"] == 0.001
+    assert cli_main(common + ["--optimizer", "adam", "--out", str(tmp_path / "adam")]) == 0
+    assert cli_main(common + ["--weight-decay", "0.001", "--iterations", "2", "--out", str(tmp_path / "adam"),
+                              "--resume"]) == 2
 
 
 def test_cli_resume_with_the_same_optimizer_keeps_the_lr(image_dir: Path, tmp_path: Path, capsys) -> None:
@@ -1090,3 +1105,26 @@ def test_cli_resume_with_the_same_optimizer_keeps_the_lr(image_dir: Path, tmp_pa
     assert cli_main(common + ["--iterations", "3", "--optimizer", "adam", "--resume"]) == 0
     assert "lr" not in capsys.readouterr().err.split("changed on the command line")[-1].split("iterations")[0]
     assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 3e-5
+
+
+def test_a_dead_worker_does_not_leave_close_waiting_for_the_others(image_dir: Path) -> None:
+    """Workers ignore SIGTERM (the trainer handles it); after one dies the pool's SIGTERM to the others
+    would not end them, so close() kills them instead of waiting for ever."""
+    import threading
+
+    from napari_vdsr.core.train import BatchPrefetcher
+
+    tr = Trainer(_cfg(None, [str(image_dir)]))
+    tr._setup()
+    pf = BatchPrefetcher(tr.sampler, 2, seed=0, rank=0, n=2, depth=2)
+    pf.get(0)
+    procs = list(pf.pool._processes.values())
+    procs[0].kill()
+    with pytest.raises(TrainingError, match="worker process failed"):
+        for step in range(1, 50):
+            pf.get(step)
+    closer = threading.Thread(target=pf.close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() is still waiting for the workers"
+    assert all(not p.is_alive() for p in procs)

@@ -7,7 +7,6 @@ tqdm progress bar.  Errors meant for users are printed without a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -137,14 +136,10 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     if a.clip_theta is None:
         kw["clip_theta"] = SGD_CLIP_THETA if a.optimizer == "sgd" else None
     kw["clip_theta"] = kw["clip_theta"] or None  # 0 disables
-    if a.optimizer != "sgd":
-        parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)  # set by main()
-        if parser is not None and argv is not None and a.weight_decay and "weight_decay" in _given_fields(parser, argv):
-            from .core.errors import InputError
-
-            raise InputError(f"--weight-decay applies to --optimizer sgd (the paper's recipe); {a.optimizer} runs "
-                             "use none. Leave it out, or pass --optimizer sgd.")
-        kw["weight_decay"] = 0.0
+    parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)  # set by main()
+    if a.optimizer != "sgd" and not (parser is not None and argv is not None
+                                     and "weight_decay" in _given_fields(parser, argv)):
+        kw["weight_decay"] = 0.0  # given explicitly, it is checked against the run's optimiser (_check_weight_decay)
     kw["data"] = [str(x) for x in kw["data"]]
     kw["val_data"] = [str(x) for x in kw["val_data"]]
     if finetune:
@@ -163,6 +158,17 @@ _FINETUNE_OWN = {"data", "pair_data", "task", "scales", "depth", "width", "trans
                  "quantize", "val_levels"}
 #: command-line destinations whose TrainConfig field has another name
 _DEST_FIELD = {"no_amp": "amp", "images": "data", "scale": "scales"}
+
+
+def _check_weight_decay(cfg, a: argparse.Namespace) -> None:
+    """Refuse a ``--weight-decay`` given for a run whose optimiser (after a resume's merge) is not SGD."""
+    parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)
+    if cfg.optimizer != "sgd" and cfg.weight_decay and parser is not None and argv is not None \
+            and "weight_decay" in _given_fields(parser, argv):
+        from .core.errors import InputError
+
+        raise InputError(f"--weight-decay applies to the optimizer sgd (the paper's recipe); this run's "
+                         f"{cfg.optimizer} uses none. Leave it out, or pass --optimizer sgd.")
 
 
 def _given_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -294,6 +300,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .core.train import Trainer
 
     cfg = _resume_config(_config_from_args(a), a)
+    _check_weight_decay(cfg, a)
     return _run_training(Trainer(cfg, resume=a.resume), a.quiet)
 
 
@@ -306,19 +313,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         raise SystemExit("napari-vdsr finetune: give either --images (clean images, degraded on the fly) or --pairs "
                          "DEGRADED CLEAN, not both")
     cfg = _config_from_args(a, finetune=True)
-    if a.resume and a.scale is None and (Path(a.out) / "config.json").is_file():
-        import json
-
-        # the run's own scales (its pairs are checked against them before its config is merged in)
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            cfg.scales = [float(v) for v in json.loads((Path(a.out) / "config.json").read_text())["scales"]]
     overrides = cfg.model_dump(exclude=_FINETUNE_OWN)
     pairs = [tuple(a.pairs)] if a.pairs else None  # read by make_finetune_trainer, which records the files
     trainer = make_finetune_trainer(
-        a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from, scales=cfg.scales,
-        out=a.out, name=cfg.name, resume=a.resume, **overrides,
-    )
+        a.task, images=list(a.images) or None, pairs=pairs, base_model=a.init_from,
+        scales=cfg.scales if a.scale else None, out=a.out, name=cfg.name, resume=a.resume, **overrides,
+    )  # scales None: 2, or a resumed run's own
     trainer.config = _resume_config(trainer.config, a)
+    _check_weight_decay(trainer.config, a)
     return _run_training(trainer, a.quiet)
 
 

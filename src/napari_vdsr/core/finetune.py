@@ -77,6 +77,14 @@ def _saved_data(out: Optional[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return (data, []) if data else ([], pairs)
 
 
+def _saved_scales(out: Optional[str]) -> Optional[list[float]]:
+    """The SR factors a run in ``out`` was fine-tuned for (its config.json); None when it has none."""
+    try:
+        return [float(v) for v in json.loads((Path(out) / "config.json").read_text())["scales"]] if out else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def _saved_run(out: Optional[str], task: str, base_model: Optional[str]) -> Optional[tuple[str, dict, dict]]:
     """What a fine-tune resumed in ``out`` started from: (init_from, architecture, finetuned_from).
 
@@ -133,7 +141,7 @@ def make_finetune_trainer(
     images: Optional[Sequence[Any]] = None,
     pairs: Optional[Sequence[tuple[Any, Any]]] = None,
     base_model: Optional[str] = None,
-    scales: Sequence[float] = (2.0,),
+    scales: Optional[Sequence[float]] = None,
     out: Optional[str] = None,
     name: str = "finetuned",
     resume: bool = False,
@@ -148,7 +156,7 @@ def make_finetune_trainer(
     pairs : (degraded, clean), or a sequence of such pairs
         Registered pairs (arrays or image paths) for paired training (used instead of ``images``).
     scales : float or sequence of floats
-        SR factors to train (SR only).
+        SR factors to train (SR only); default 2, or on ``resume`` the run's own.
     resume : bool
         Continue the run in ``out`` from its checkpoint; without it a folder that holds a run is refused.
     overrides
@@ -156,6 +164,8 @@ def make_finetune_trainer(
     """
     if task not in TASK_LABELS:
         raise TrainingError(f"unknown task {task!r}; choose sr, denoise or deblock.")
+    if scales is None:
+        scales = (_saved_scales(out) if resume else None) or (2.0,)
     images, pairs, scales = _as_lists(images, pairs, scales)
     if resume and not images and not pairs:  # the image files the run recorded (config.json data / pair_data)
         images, pairs = _saved_data(out)

@@ -148,16 +148,17 @@ def scaled_pixel_size(pixel_size: Optional[dict], scale: Sequence[float]) -> dic
 def scaled_origin(origin: Optional[dict], pixel_size: Optional[dict], scale: Sequence[float]) -> dict:
     """Physical position of a result's first pixel centre (``{"Y": value, ...}``) after super-resolution.
 
-    ``origin`` and ``pixel_size`` are the input's (``meta["origin"]``, ``meta["pixel_size"]``; a missing size
-    counts as 1, a missing origin as 0).  A result ``s`` times larger along an axis has its pixel ``j``
-    centred at input pixel ``(j + 0.5) / s - 0.5``, so its first centre moves by ``size * (1 / s - 1) / 2``
-    and the result overlays its input; other axes keep their origin.  Axes whose origin is 0 are left out.
+    ``origin`` and ``pixel_size`` are the input's (``meta["origin"]``, ``meta["pixel_size"]``; a missing
+    origin counts as 0).  A result ``s`` times larger along an axis has its pixel ``j`` centred at input
+    pixel ``(j + 0.5) / s - 0.5``, so its first centre moves by ``size * (1 / s - 1) / 2`` and the result
+    overlays its input.  An axis without a pixel size is not moved: its result has no scale to overlay
+    with (scale 1, as the input's).  Other axes keep their origin; axes whose origin is 0 are left out.
     """
     sy, sx = float(scale[0]), float(scale[1])
     out = {c: float(v) for c, v in (origin or {}).items()}
     for c, s in (("Y", sy), ("X", sx)):
-        if s != 1.0:
-            size = (pixel_size or {}).get(c, (1.0, None))[0] or 1.0
+        size = (pixel_size or {}).get(c, (None, None))[0]
+        if s != 1.0 and size:
             out[c] = out.get(c, 0.0) + float(size) * (1.0 / s - 1.0) / 2.0
     return {c: v for c, v in out.items() if v != 0.0}
 

@@ -485,6 +485,12 @@ class BatchPrefetcher:
         for f in self.pending.values():
             f.cancel()
         self.pending.clear()
+        if getattr(self.pool, "_broken", False):
+            # a worker died: the pool ends the others with SIGTERM, which they ignore (_worker_init), and
+            # would wait for them for ever; they hold nothing to save
+            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.kill()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -851,7 +857,8 @@ class Trainer:
         images under another path (a GPU machine's copy) change nothing; a checkpoint written
         before fingerprints existed is compared on the validation settings instead.
         """
-        if not math.isfinite(self.best):
+        exported = bool(self.out) and (self.out / "best.json").is_file()
+        if not math.isfinite(self.best) and not exported:  # no score yet, none exported: nothing to restart
             return
         if ck.get("val_fingerprint") is not None:
             changed = ["the validation pairs"] if ck["val_fingerprint"] != self.val_fingerprint else []
@@ -860,7 +867,8 @@ class Trainer:
             changed = [k for k in VALIDATION_SETTINGS if k in saved and saved[k] != now.get(k)]
         if not changed:
             return
-        self.val_restart = f"validation changed ({', '.join(changed)}): the best score ({self.best:.3f}) restarts"
+        score = f" ({self.best:.3f})" if math.isfinite(self.best) else ""
+        self.val_restart = f"validation changed ({', '.join(changed)}): the best score{score} restarts"
         self.best = -math.inf
         if self.out and self.is_main:
             for ext in ("safetensors", "json"):
