@@ -725,3 +725,13 @@ def test_sixteen_bit_three_value_pixels_warn_that_they_are_read_as_colour():
         restore(img, task="denoise", model=NET, device="cpu", axes="YXS")
         restore(img, task="denoise", model=NET, device="cpu", rgb=True)
         restore(rand((20, 22, 3), "uint8"), task="denoise", model=NET, device="cpu")
+
+
+def test_zero_d_scales_and_amp_dtypes():
+    img = rand((12, 14), "uint8")
+    ref = restore(img, task="sr", scale=2, model=NET, device="cpu")
+    np.testing.assert_array_equal(restore(img, task="sr", scale=np.array(2.0), model=NET, device="cpu"), ref)
+    np.testing.assert_array_equal(restore(img, task="sr", scale=torch.tensor(2), model=NET, device="cpu"), ref)
+    np.testing.assert_array_equal(restore(img, task="sr", scale=2, model=NET, device="cpu", amp=torch.float32), ref)
+    with pytest.raises(InputError, match="amp must be"):
+        restore(img, task="sr", scale=2, model=NET, device="cpu", amp=torch.int8)

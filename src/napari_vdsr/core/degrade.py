@@ -40,6 +40,9 @@ def as_scale_pair(scale: float | Sequence[float]) -> tuple[float, float]:
     """
     if isinstance(scale, (bool, np.bool_, str, bytes)):
         raise ValueError(f"scale must be a number or a (y, x) pair of numbers, got {scale!r}.")
+    if hasattr(scale, "shape") and tuple(scale.shape) == () and getattr(scale, "dtype", None) is not None \
+            and np.dtype(str(scale.dtype).replace("torch.", "")).kind in "iuf":
+        scale = float(scale)  # a 0-d numpy array or torch tensor holding one number
     if isinstance(scale, (int, float, np.integer, np.floating)):
         pair = (float(scale), float(scale))
     else:

@@ -518,8 +518,9 @@ def _prepare(
 ) -> _Job:
     """Check the arguments and load the model; ``resolve=False`` leaves the device and the net as given."""
     task = _check_task(task)
-    if amp is not None and not isinstance(amp, (bool, torch.dtype)):
-        raise InputError(f"amp must be None (auto), True, False or a torch dtype, got {amp!r}.")
+    if amp is not None and not (isinstance(amp, bool) or amp in (torch.float16, torch.bfloat16, torch.float32)):
+        raise InputError(f"amp must be None (auto), True, False or a torch dtype (torch.float16, torch.bfloat16; "
+                         f"torch.float32 = full precision), got {amp!r}.")
     img = _as_arraylike(image)
     if any(isinstance(s, float) and not math.isfinite(s) for s in img.shape):
         raise InputError(f"the array's shape is not known yet ({img.shape}; e.g. a dask array after boolean "

@@ -109,7 +109,7 @@ def _amp_dtype(device: torch.device, amp: Optional[bool | torch.dtype]) -> Optio
         from .device import autocast_dtype
 
         return autocast_dtype(device, True)
-    return amp
+    return None if amp == torch.float32 else amp  # float32: full precision, no autocast
 
 
 def prepare_net(net: nn.Module, device: torch.device | str) -> nn.Module:
