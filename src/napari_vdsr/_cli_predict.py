@@ -259,7 +259,10 @@ def _progress_blocks(blocks: Iterator[Any], bar: Any) -> Iterator[Any]:
 
 def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scale: tuple[float, float],
              device: Any, bar_factory: Any, in_paths: set[Path]) -> tuple[tuple, tuple, str, float]:
-    """Restore one file into ``dest``; returns (input shape, output shape, dtype, output Mpx)."""
+    """Restore one file into ``dest``; returns (input shape, output shape, dtype, output Mpx).
+
+    ``scale`` is the SR factor pair, (1, 1) for denoising and deblocking (as :func:`cmd_predict` sets it).
+    """
     import numpy as np
 
     from .core.errors import InputError
@@ -314,11 +317,10 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                 if suffix == ".ome.zarr":
                     n_shape = tuple(oshape[(axes.replace("S", "C")).index(c)] for c in n_axes)
                     chunks = _block_chunks(n_shape, n_axes, a.tile, "C" if rgb else None)
-                    ps = scaled_pixel_size(src.meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
+                    ps = scaled_pixel_size(src.meta.get("pixel_size"), scale)
                     if src.meta.get("time_increment"):
                         ps["T"] = tuple(src.meta["time_increment"])
-                    origin = scaled_origin(src.meta.get("origin"), src.meta.get("pixel_size"),
-                                           scale if a.task == "sr" else (1.0, 1.0))
+                    origin = scaled_origin(src.meta.get("origin"), src.meta.get("pixel_size"), scale)
                     attrs = ngff_attributes(n_axes, ps, split_suffix(dest)[0], origin=origin)
                     attrs["napari_vdsr"] = _provenance(inp, a, scale, net_card[1])
                     z = create_ngff(tmp, n_axes, n_shape, chunks, dtype, attrs)
@@ -351,7 +353,7 @@ def _process(inp: Path, dest: Path, a: argparse.Namespace, net_card: tuple, scal
                         result[b.index] = b.data
                     _write_in_memory(tmp, result, suffix, a.jpeg_quality,
                                      src.meta if src.format == "pillow" else None,
-                                     scale if a.task == "sr" else (1.0, 1.0))
+                                     scale)
         finally:
             blocks.close()
     _put_in_place(tmp, dest)
@@ -364,7 +366,7 @@ def _zarr_attrs(inp: Path, meta: dict, axes: str, a: argparse.Namespace, scale: 
     from .core.ome import scaled_pixel_size
 
     attrs: dict[str, Any] = {"axes": axes}
-    ps = scaled_pixel_size(meta.get("pixel_size"), scale if a.task == "sr" else (1.0, 1.0))
+    ps = scaled_pixel_size(meta.get("pixel_size"), scale)
     if ps:
         attrs["pixel_size"] = {c: [v, u] for c, (v, u) in ps.items()}
     attrs["napari_vdsr"] = _provenance(inp, a, scale, card)

@@ -136,9 +136,7 @@ def _config_from_args(a: argparse.Namespace, finetune: bool = False):
     if a.clip_theta is None:
         kw["clip_theta"] = SGD_CLIP_THETA if a.optimizer == "sgd" else None
     kw["clip_theta"] = kw["clip_theta"] or None  # 0 disables
-    parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)  # set by main()
-    if a.optimizer != "sgd" and not (parser is not None and argv is not None
-                                     and "weight_decay" in _given_fields(parser, argv)):
+    if a.optimizer != "sgd" and "weight_decay" not in _given(a):
         kw["weight_decay"] = 0.0  # given explicitly, it is checked against the run's optimiser (_check_weight_decay)
     kw["data"] = [str(x) for x in kw["data"]]
     kw["val_data"] = [str(x) for x in kw["val_data"]]
@@ -162,13 +160,18 @@ _DEST_FIELD = {"no_amp": "amp", "images": "data", "scale": "scales"}
 
 def _check_weight_decay(cfg, a: argparse.Namespace) -> None:
     """Refuse a ``--weight-decay`` given for a run whose optimiser (after a resume's merge) is not SGD."""
-    parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)
-    if cfg.optimizer != "sgd" and cfg.weight_decay and parser is not None and argv is not None \
-            and "weight_decay" in _given_fields(parser, argv):
+    if cfg.optimizer != "sgd" and cfg.weight_decay and "weight_decay" in _given(a):
         from .core.errors import InputError
 
         raise InputError(f"--weight-decay applies to the optimizer sgd (the paper's recipe); this run's "
                          f"{cfg.optimizer} uses none. Leave it out, or pass --optimizer sgd.")
+
+
+def _given(a: argparse.Namespace) -> set[str]:
+    """TrainConfig fields the command line of ``a`` set explicitly; none known for a namespace that
+    :func:`main` did not parse (no ``_parser`` / ``_argv``)."""
+    parser, argv = getattr(a, "_parser", None), getattr(a, "_argv", None)
+    return _given_fields(parser, argv) if parser is not None and argv is not None else set()
 
 
 def _given_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:

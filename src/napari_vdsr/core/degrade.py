@@ -38,11 +38,10 @@ def as_scale_pair(scale: float | Sequence[float]) -> tuple[float, float]:
     ValueError
         If a factor is not a finite number in [1, 16].
     """
+    if hasattr(scale, "shape") and tuple(scale.shape) == ():  # a 0-d numpy array or torch tensor: its value
+        scale = np.asarray(scale).item()
     if isinstance(scale, (bool, np.bool_, str, bytes)):
         raise ValueError(f"scale must be a number or a (y, x) pair of numbers, got {scale!r}.")
-    if hasattr(scale, "shape") and tuple(scale.shape) == () and getattr(scale, "dtype", None) is not None \
-            and np.dtype(str(scale.dtype).replace("torch.", "")).kind in "iuf":
-        scale = float(scale)  # a 0-d numpy array or torch tensor holding one number
     if isinstance(scale, (int, float, np.integer, np.floating)):
         pair = (float(scale), float(scale))
     else:

@@ -55,14 +55,7 @@ def _saved_data(out: Optional[str]) -> tuple[list[str], list[tuple[str, str]]]:
     Raises :class:`TrainingError` when the run recorded none (it trained on arrays, e.g. napari
     layers) or is not there, or when a recorded file is gone.
     """
-    cfg: dict[str, Any] = {}
-    if out and (Path(out) / "config.json").is_file():
-        try:
-            cfg = json.loads((Path(out) / "config.json").read_text())
-        except (OSError, ValueError):
-            cfg = {}
-    if not isinstance(cfg, dict):
-        cfg = {}
+    cfg = _saved_config(out)
     data = [str(d) for d in cfg.get("data") or []]
     pairs = [(str(p[0]), str(p[1])) for p in cfg.get("pair_data") or [] if isinstance(p, (list, tuple)) and len(p) == 2]
     if not data and not pairs:
@@ -77,11 +70,20 @@ def _saved_data(out: Optional[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return (data, []) if data else ([], pairs)
 
 
+def _saved_config(out: Optional[str]) -> dict[str, Any]:
+    """The recipe (config.json) of the run in ``out``; empty when there is none or it cannot be read."""
+    try:
+        cfg = json.loads((Path(out) / "config.json").read_text()) if out else {}
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _saved_scales(out: Optional[str]) -> Optional[list[float]]:
     """The SR factors a run in ``out`` was fine-tuned for (its config.json); None when it has none."""
     try:
-        return [float(v) for v in json.loads((Path(out) / "config.json").read_text())["scales"]] if out else None
-    except (OSError, ValueError, TypeError, KeyError):
+        return [float(v) for v in _saved_config(out)["scales"]]
+    except (TypeError, ValueError, KeyError):
         return None
 
 
