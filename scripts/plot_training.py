@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the runs behind each bundled model, in the order they continued one another
-RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-cycle2"], "sr-photos": ["sr-cycle2", "sr-cycle3", "sr-cycle4"],
+RUNS = {"sr": ["sr-multiscale"], "sr-prescale": ["sr-prescale2"], "sr-grid": ["sr-cycle2"], "sr-photos": ["sr-cycle2", "sr-cycle3", "sr-cycle4", "sr-cycle5"],
         "denoise": ["denoise", "denoise-s7", "denoise-gpu8", "denoise-gpu9", "denoise-gpu17"],
         "deblock": ["deblock", "deblock-s7", "deblock-gpu9", "deblock-gpu17"]}
 #: one colour per card in every panel (a card not listed takes the next of GPU_COLOURS)
