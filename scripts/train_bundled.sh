@@ -24,7 +24,7 @@ case $task in
   # cosine to 1e-6 at 100,000 (its last weights: the default since session 14), validated on the referee's natural
   # photos, whole (runs/referee-photos, built below; session 13 found the textures and microscopy images of the
   # full referee rank the lr the other way); then runs/sr-cycle3: 1e-4 until 120,000, a cosine to 1e-6 at 140,000;
-  # then runs/sr-cycle4: 1e-4 until 160,000, a cosine to 1e-6 at 180,000 (the default since session 24 when it won);
+  # then runs/sr-cycle4: 1e-4 until 160,000, a cosine to 1e-6 at 180,000 (its last weights: the default since session 24);
   # then the cycle of scripts/sr_cycle.json (runs/sr-cycle5: 1e-4 until 190,000, a cosine to 1e-6 at 200,000).
   sr)      name=vdsr-sr-x234;  seed=0
            # the cycle's fields, read once
