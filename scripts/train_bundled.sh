@@ -3,8 +3,8 @@
 #
 #   THREADS=1 bash scripts/train_bundled.sh sr|denoise|deblock [extra napari-vdsr train options]
 #
-# SR: the cycle in progress, named in scripts/sr_cycle.json (since session 24: runs/sr-cycle5, steps 180,000 ->
-# 200,000): its run folder resumed exactly; else the previous cycle's run, resumed to its end when it is not
+# SR: the cycle in progress, named in scripts/sr_cycle.json (since session 25: runs/sr-cycle6, steps 200,000 ->
+# 220,000): its run folder resumed exactly; else the previous cycle's run, resumed to its end when it is not
 # finished, copied into the new folder when it is; else continued from the cycle's resume point in the package
 # (with --warmup 1000), else from the default vdsr-sr-x234, else from scratch.
 # denoise / deblock: the run folder with the newest checkpoint.pt (exact resume) → the committed
@@ -24,8 +24,9 @@ case $task in
   # cosine to 1e-6 at 100,000 (its last weights: the default since session 14), validated on the referee's natural
   # photos, whole (runs/referee-photos, built below; session 13 found the textures and microscopy images of the
   # full referee rank the lr the other way); then runs/sr-cycle3: 1e-4 until 120,000, a cosine to 1e-6 at 140,000;
-  # then runs/sr-cycle4: 1e-4 until 160,000, a cosine to 1e-6 at 180,000 (its last weights: the default since session 24);
-  # then the cycle of scripts/sr_cycle.json (runs/sr-cycle5: 1e-4 until 190,000, a cosine to 1e-6 at 200,000).
+  # then runs/sr-cycle4: 1e-4 until 160,000, a cosine to 1e-6 at 180,000 (its last weights: the default in session 24);
+  # then runs/sr-cycle5: 1e-4 until 190,000, a cosine to 1e-6 at 200,000 (on an H200; the default since session 25);
+  # then the cycle of scripts/sr_cycle.json (runs/sr-cycle6: 1e-4 until 210,000, a cosine to 1e-6 at 220,000).
   sr)      name=vdsr-sr-x234;  seed=0
            # the cycle's fields, read once
            read -r cycle_name prev_name start_step iterations decay_start resume_name < <(python -c "import json
