@@ -4,7 +4,8 @@
 
 Reads scripts/sr_cycle.json; when ``runs/<run>/best.safetensors`` (the run's best-validated EMA
 weights; with ``--last``, ``last.safetensors``, the EMA weights a stopped run exports at its last
-step) is at a later step than the package's ``<resume_point>`` model, re-bundles it under that
+step) is at a later step than the package's ``<resume_point>`` model and than the cycle's start (whose
+weights are the default's), re-bundles it under that
 name with ``scripts/bundle_model.py`` (not a default) and, with ``--commit``, commits only those two
 files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
 without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
@@ -58,12 +59,17 @@ def refresh(commit: bool, root: Path = ROOT, last: bool = False) -> bool:
         return False
     step, have = card_step(best.with_suffix(".json")), card_step(weights / f"{name}.json")
     files = [str((weights / f"{name}{ext}").relative_to(root)) for ext in (".safetensors", ".json")]
-    bundled = step > have
+    # weights at the cycle's start are the previous cycle's last ones, i.e. the default itself (session 25
+    # bundled such a copy): without a resume point train_bundled.sh goes on from the default instead
+    bundled = step > max(have, int(cycle["start_step"]))
     if bundled:
         val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
         subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
                         "--note", note_for(cycle, step, val, "last (a stopped run's)" if last else "best-validated"),
                         "--dir", str(weights)], check=True, cwd=root)
+    elif step <= int(cycle["start_step"]):
+        print(f"refresh_resume_point: the run's {'last' if last else 'best'} weights are at step {step:,}, the cycle's "
+              f"start (the default's weights): nothing to bundle", flush=True)
     else:
         print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to bundle",
               flush=True)

@@ -276,6 +276,12 @@ def test_refresh_resume_point_bundles_and_commits_only_newer_weights(tmp_path: P
     assert refresh.refresh(commit=True, root=repo) is False  # no run yet
     run = tiny_run_in_legs(tmp_path, [["--iterations", "4", "--batch-size", "2"]])
     shutil.copytree(run, repo / "runs" / cycle["run"])
+    best_step = json.loads((repo / "runs" / cycle["run"] / "best.json").read_text())["training"]["steps"]
+    # a run copied at the cycle's start holds the previous cycle's last weights, the default's: no resume point
+    (repo / "scripts" / "sr_cycle.json").write_text(json.dumps({**cycle, "start_step": best_step}))
+    assert refresh.refresh(commit=True, root=repo) is False
+    assert not list(weights.iterdir())
+    (repo / "scripts" / "sr_cycle.json").write_text(json.dumps({**cycle, "start_step": best_step - 1}))  # moved on
     hook = repo / ".git" / "hooks" / "pre-commit"
     hook.write_text("#!/bin/sh\nexit 1\n")  # the first commit fails (a hook, a lock held by another git)
     hook.chmod(0o755)
