@@ -1,16 +1,19 @@
 """Refresh the SR cycle's resume point in the package from its run, and optionally commit it.
 
-    python scripts/refresh_resume_point.py [--commit] [--every MINUTES] [--last]
+    python scripts/refresh_resume_point.py [--commit] [--every MINUTES] [--last | --checkpoint]
 
 Reads scripts/sr_cycle.json; when ``runs/<run>/best.safetensors`` (the run's best-validated EMA
 weights; with ``--last``, ``last.safetensors``, the EMA weights a stopped run exports at its last
-step) is at a later step than the package's ``<resume_point>`` model and than the cycle's start (whose
+step; with ``--checkpoint``, the EMA weights of the running run's last ``checkpoint.pt``, written
+as ``runs/<run>/checkpoint-ema.safetensors`` with the best model's card brought to that step) is at a later step than the package's ``<resume_point>`` model and than the cycle's start (whose
 weights are the default's), re-bundles it under that
 name with ``scripts/bundle_model.py`` (not a default) and, with ``--commit``, commits only those two
 files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
 without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
 Sessions 17-19 trained 12,000 steps of the fourth cycle and lost them with ``runs/`` because the
-resume point was refreshed only at a session's end.
+resume point was refreshed only at a session's end. In a cycle's constant-lr half the best-validated
+weights stay at the cycle's start for thousands of steps (session 25), so ``--every`` runs with
+``--checkpoint`` since then: the resume point follows the checkpoints.
 """
 
 from __future__ import annotations
@@ -48,11 +51,61 @@ def note_for(cycle: dict, step: int, val: dict, which: str = "best-validated") -
             "Refreshed by scripts/refresh_resume_point.py while the run trained.")
 
 
-def refresh(commit: bool, root: Path = ROOT, last: bool = False) -> bool:
-    """Re-bundle the run's best (``last``: last) weights as the resume point when they are newer; True when it did."""
+def checkpoint_ema(run: Path) -> Path | None:
+    """Write the EMA weights of ``run``'s ``checkpoint.pt`` as ``run/checkpoint-ema.safetensors``; its path.
+
+    The card is the best model's, with the checkpoint's step, compute hours and the last validation
+    at or before that step (``log.jsonl``); ``bundle_model.py`` then redoes the legs up to that step.
+    None when the run has no checkpoint or best model yet, or when they are not readable (being written).
+    """
+    import torch
+
+    from napari_vdsr.core.model import VDSR
+    from napari_vdsr.core.weights import read_card, save_model
+
+    ck_path, best = run / "checkpoint.pt", run / "best.safetensors"
+    if not (ck_path.is_file() and best.is_file()):
+        return None
+    try:
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        card = read_card(best)
+    except Exception as e:  # noqa: BLE001 - a file mid-write: the next time will do
+        print(f"refresh_resume_point: {ck_path} not readable now ({e}); trying again next time", flush=True)
+        return None
+    step = int(ck["step"])
+    arch = card.get("architecture", {})
+    net = VDSR(int(arch.get("depth", 20)), int(arch.get("width", 64)))
+    net.load_state_dict(ck.get("ema") or ck["model"])
+    card = {k: v for k, v in card.items() if k not in ("architecture", "path")}
+    card["training"] = {**card.get("training", {}), "steps": step,
+                        "compute_hours": round(float(ck.get("compute_seconds", 0.0)) / 3600, 4)}
+    val = None
+    log = run / "log.jsonl"
+    for line in (log.read_text().splitlines() if log.is_file() else []):
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("kind") == "val" and ev.get("val_psnr") is not None and int(ev.get("step", -1)) <= step:
+            val = ev
+    if val is not None:
+        card["metrics"] = {**card.get("metrics", {}), "validation": {
+            "psnr": val["val_psnr"], "baseline_psnr": val.get("val_baseline_psnr"),
+            "per_level": val.get("val_per_level") or {}, "step": int(val["step"])}}
+    return save_model(net, run / "checkpoint-ema.safetensors", card)
+
+
+def refresh(commit: bool, root: Path = ROOT, last: bool = False, checkpoint: bool = False) -> bool:
+    """Re-bundle the run's best (``last``: last; ``checkpoint``: its checkpoint's EMA) weights as the
+    resume point when they are newer; True when it did."""
     weights = root / "src" / "napari_vdsr" / "weights"
     cycle = json.loads((root / "scripts" / "sr_cycle.json").read_text())
-    best = root / "runs" / cycle["run"] / ("last.safetensors" if last else "best.safetensors")
+    run = root / "runs" / cycle["run"]
+    best = run / ("last.safetensors" if last else "best.safetensors")
+    which = "last (a stopped run's)" if last else "best-validated"
+    if checkpoint:
+        best = checkpoint_ema(run) or run / "checkpoint-ema.safetensors"
+        which = "last checkpoint's"
     name = cycle["resume_point"]
     if not best.is_file():
         print(f"refresh_resume_point: no {best.relative_to(root)} yet", flush=True)
@@ -65,13 +118,14 @@ def refresh(commit: bool, root: Path = ROOT, last: bool = False) -> bool:
     if bundled:
         val = json.loads(best.with_suffix(".json").read_text()).get("metrics", {}).get("validation", {})
         subprocess.run([sys.executable, str(ROOT / "scripts" / "bundle_model.py"), str(best), "--name", name,
-                        "--note", note_for(cycle, step, val, "last (a stopped run's)" if last else "best-validated"),
+                        "--note", note_for(cycle, step, val, which),
                         "--dir", str(weights)], check=True, cwd=root)
     elif step <= int(cycle["start_step"]):
-        print(f"refresh_resume_point: the run's {'last' if last else 'best'} weights are at step {step:,}, the cycle's "
+        print(f"refresh_resume_point: the run's {which} weights are at step {step:,}, the cycle's "
               f"start (the default's weights): nothing to bundle", flush=True)
     else:
-        print(f"refresh_resume_point: {name} is at step {have:,}; the run's best is step {step:,}: nothing to bundle",
+        print(f"refresh_resume_point: {name} is at step {have:,}; the run's {which} weights are at step {step:,}: "
+              "nothing to bundle",
               flush=True)
     # commit what is bundled and not committed yet (this time's, or an earlier time's failed commit)
     if commit and subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=root, capture_output=True,
@@ -91,11 +145,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--commit", action="store_true", help="commit the refreshed files (only those)")
     ap.add_argument("--every", type=float, default=None, metavar="MINUTES", help="repeat every so many minutes")
-    ap.add_argument("--last", action="store_true", help="the run's last export (after it stopped), not its best")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--last", action="store_true", help="the run's last export (after it stopped), not its best")
+    which.add_argument("--checkpoint", action="store_true",
+                       help="the EMA weights of the run's last checkpoint (while it trains), not its best")
     a = ap.parse_args()
     while True:
         try:
-            refresh(a.commit, last=a.last)
+            refresh(a.commit, last=a.last, checkpoint=a.checkpoint)
         except subprocess.CalledProcessError as e:  # a failed bundle (e.g. the file mid-write) is tried again later
             print(f"refresh_resume_point: failed ({e}); trying again next time", flush=True)
         if a.every is None:

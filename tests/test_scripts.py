@@ -208,6 +208,45 @@ def test_sr_cycle_file_is_consistent() -> None:
     assert cycle["rule"] in (root / "docs" / "training.md").read_text()  # the rule is written down
 
 
+def test_refresh_resume_point_follows_the_running_checkpoint(tmp_path: Path) -> None:
+    """--checkpoint bundles the EMA weights of the run's last checkpoint, at its step (session 25: the best
+    model stays at the cycle's start through the constant-lr half, so it cannot follow the run)."""
+    import shutil
+    import subprocess
+
+    import torch
+
+    from napari_vdsr.core.weights import load_model
+
+    refresh = load_benchmark_script("refresh_resume_point", "scripts")
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    cycle = {**json.loads((root / "scripts" / "sr_cycle.json").read_text()), "start_step": 2}
+    (repo / "scripts" / "sr_cycle.json").write_text(json.dumps(cycle))
+    weights = repo / "src" / "napari_vdsr" / "weights"
+    weights.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "config", "user.name", "t"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=repo, check=True)
+    run = tiny_run_in_legs(tmp_path, [["--iterations", "5", "--batch-size", "2", "--ema", "0.5"]])
+    shutil.copytree(run, repo / "runs" / cycle["run"])
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert refresh.refresh(commit=True, root=repo, checkpoint=True) is True
+    net, card = load_model(str(weights / f"{cycle['resume_point']}.safetensors"))
+    assert card["training"]["steps"] == ck["step"] == 5 and card["default_for"] == []
+    assert card["training"]["compute_hours"] == round(ck["compute_seconds"] / 3600, 4)
+    assert "last checkpoint's" in card["note"] and card["metrics"]["validation"]["step"] <= 5
+    state = net.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in ck["ema"].items())  # the average, not the raw weights
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["ema"])
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=repo, capture_output=True, text=True).stdout
+    assert "refreshed to step 5" in log
+    assert refresh.refresh(commit=True, root=repo, checkpoint=True) is False  # the same checkpoint: nothing new
+    (repo / "runs" / cycle["run"] / "checkpoint.pt").write_bytes(b"half-written")  # being replaced right now
+    assert refresh.refresh(commit=True, root=repo, checkpoint=True) is False
+
+
 def test_gpu_session_second_call_resumes_a_run_it_started_from_weights(tmp_path: Path) -> None:
     """A second call on the warm GPU machine goes on with the run a first call started from $G/init,
     instead of starting it again from those weights (what session 17 found)."""
