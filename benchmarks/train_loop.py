@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--warmup", type=int, default=20, help="steps not counted (default 20)")
     ap.add_argument("--amp", choices=["on", "off"], default="on", help="mixed precision (the engine's default: on)")
+    ap.add_argument("--ema", type=float, default=None, help="weight averaging as the bundled runs train (0.999)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     amp = a.amp == "on"
     cfg = TrainConfig(data=[a.data], task=a.task, batch_size=a.batch, patch_size=a.patch, iterations=10**9,
                       val_fraction=0.0, lr_schedule="constant", device=a.device, amp=amp, workers=a.workers,
-                      out=None, checkpoint_minutes=10**6)
+                      out=None, checkpoint_minutes=10**6, ema=a.ema)
     tr = Trainer(cfg)
     spent: dict[str, float] = defaultdict(float)
     counting = {"on": False}
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
              "other": wall - spent["step"] - spent["wait"]}
     dev = torch.cuda.get_device_name(tr.device) if tr.device.type == "cuda" else str(tr.device)
     print(f"{dev}; torch {torch.__version__}; task {a.task}, batch {a.batch} x {a.patch}², workers {a.workers}, "
-          f"precision {tr.amp_dtype or 'float32'}")
+          f"precision {tr.amp_dtype or 'float32'}, ema {a.ema}")
     print(f"{n} steps in {wall:.1f} s: {n / wall:.1f} steps/s, {n * a.batch / wall:.0f} patches/s")
     for k, v in parts.items():
         print(f"  {k:<6} {v / n * 1e3:8.2f} ms/step  ({v / wall:5.1%})")
