@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                              "tflops": tflops, "of_bf16_peak": tflops / peak})
                 print(f"{label:<26} {batch}x{size}²: {s * 1e3:8.2f} ms  {px / s / 1e6:9.1f} Mpx/s  "
                       f"{tflops:7.1f} TFLOP/s = {tflops / peak:.3f} of the bf16 peak", flush=True)
-                del x
+                x = None  # frees the input before the next one (fwd, which reads it, has run)
                 torch.cuda.empty_cache()
     torch.backends.cudnn.allow_tf32 = True
     layers = layer_times(net, max(a.sizes), a.repeat)
