@@ -5,10 +5,10 @@
 Reads scripts/sr_cycle.json; when ``runs/<run>/best.safetensors`` (the run's best-validated EMA
 weights; with ``--last``, ``last.safetensors``, the EMA weights a stopped run exports at its last
 step; with ``--checkpoint``, the EMA weights of the running run's last ``checkpoint.pt``, written
-as ``runs/<run>/checkpoint-ema.safetensors`` with the best model's card brought to that step) is at a later step than the package's ``<resume_point>`` model and than the cycle's start (whose
-weights are the default's), re-bundles it under that
-name with ``scripts/bundle_model.py`` (not a default) and, with ``--commit``, commits only those two
-files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
+as ``runs/<run>/checkpoint-ema.safetensors`` with the best model's card brought to that step) is at
+a later step than the package's ``<resume_point>`` model and than the cycle's start (whose weights
+are the default's), re-bundles it under that name with ``scripts/bundle_model.py`` (not a default)
+and, with ``--commit``, commits only those two files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
 without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
 Sessions 17-19 trained 12,000 steps of the fourth cycle and lost them with ``runs/`` because the
 resume point was refreshed only at a session's end. In a cycle's constant-lr half the best-validated
@@ -58,40 +58,32 @@ def checkpoint_ema(run: Path) -> Path | None:
     at or before that step (``log.jsonl``); ``bundle_model.py`` then redoes the legs up to that step.
     None when the run has no checkpoint or best model yet, or when they are not readable (being written).
     """
-    import torch
-
-    from napari_vdsr.core.model import VDSR
-    from napari_vdsr.core.weights import read_card, save_model
+    from napari_vdsr.core.errors import ModelError, TrainingError
+    from napari_vdsr.core.runlog import read_log
+    from napari_vdsr.core.train import load_checkpoint
+    from napari_vdsr.core.weights import load_model, save_model
 
     ck_path, best = run / "checkpoint.pt", run / "best.safetensors"
     if not (ck_path.is_file() and best.is_file()):
         return None
     try:
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        card = read_card(best)
-    except Exception as e:  # noqa: BLE001 - a file mid-write: the next time will do
-        print(f"refresh_resume_point: {ck_path} not readable now ({e}); trying again next time", flush=True)
+        ck = load_checkpoint(ck_path)
+        net, card = load_model(best)
+    except (TrainingError, ModelError) as e:  # a file mid-write: the next time will do
+        print(f"refresh_resume_point: {run} not readable now ({e}); trying again next time", flush=True)
         return None
     step = int(ck["step"])
-    arch = card.get("architecture", {})
-    net = VDSR(int(arch.get("depth", 20)), int(arch.get("width", 64)))
     net.load_state_dict(ck.get("ema") or ck["model"])
     card = {k: v for k, v in card.items() if k not in ("architecture", "path")}
     card["training"] = {**card.get("training", {}), "steps": step,
                         "compute_hours": round(float(ck.get("compute_seconds", 0.0)) / 3600, 4)}
-    val = None
-    log = run / "log.jsonl"
-    for line in (log.read_text().splitlines() if log.is_file() else []):
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if ev.get("kind") == "val" and ev.get("val_psnr") is not None and int(ev.get("step", -1)) <= step:
-            val = ev
-    if val is not None:
+    vals = [ev for ev in (read_log(run / "log.jsonl") if (run / "log.jsonl").is_file() else [])
+            if ev["kind"] == "val" and ev.get("val_psnr") is not None and int(ev["step"]) <= step]
+    if vals:
+        v = vals[-1]
         card["metrics"] = {**card.get("metrics", {}), "validation": {
-            "psnr": val["val_psnr"], "baseline_psnr": val.get("val_baseline_psnr"),
-            "per_level": val.get("val_per_level") or {}, "step": int(val["step"])}}
+            "psnr": v["val_psnr"], "baseline_psnr": v.get("val_baseline_psnr"),
+            "per_level": v.get("val_per_level") or {}, "step": int(v["step"])}}
     return save_model(net, run / "checkpoint-ema.safetensors", card)
 
 
