@@ -27,7 +27,7 @@ TITLES = {"sr": "SR, the first run (the default until session 12)\nmean of x2 / 
           "(validated on shrunk crops: another scale)", "denoise": "denoising, mean of σ 15 / 25 / 50",
           "deblock": "JPEG, mean of q 10 / 20 / 30 / 40",
           "sr-grid": "SR from scratch on the exact grid, x2 / x3 / x4\n(sessions 11-14; default at 53k, 63.5k and 86k steps)",
-          "sr-photos": "the same run's later cycles (sessions 14-25)\nlr 1e-4, cosines from 90k, "
+          "sr-photos": "the same run's later cycles (sessions 14-26)\nlr 1e-4, cosines from 90k, "
                        "120k, 160k, 190k and 210k"}
 #: the steps of a run that a panel shows (its log holds the whole lineage, copied from run to run;
 #: sr-cycle2 validated on other images from step 86,000: another panel)

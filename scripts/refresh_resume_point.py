@@ -8,8 +8,9 @@ step; with ``--checkpoint``, the EMA weights of the running run's last ``checkpo
 as ``runs/<run>/checkpoint-ema.safetensors`` with the best model's card brought to that step) is at
 a later step than the package's ``<resume_point>`` model and than the cycle's start (whose weights
 are the default's), re-bundles it under that name with ``scripts/bundle_model.py`` (not a default)
-and, with ``--commit``, commits only those two files. ``--every`` repeats it every so many minutes, for a session that may end while it trains:
-without ``runs/``, ``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
+and, with ``--commit``, commits only those two files. ``--every`` repeats it every so many
+minutes, for a session that may end while it trains: without ``runs/``,
+``scripts/train_bundled.sh sr`` goes on from the last committed resume point.
 Sessions 17-19 trained 12,000 steps of the fourth cycle and lost them with ``runs/`` because the
 resume point was refreshed only at a session's end. In a cycle's constant-lr half the best-validated
 weights stay at the cycle's start for thousands of steps (session 25), so ``--every`` runs with
